@@ -1,0 +1,78 @@
+"""Datasets: the built-in clinical-shift data, MedMNIST, image folders, CSV manifests, DICOM, NIfTI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from clinadapt._registry import Registry
+from clinadapt.data.base import (
+    META_KEYS,
+    ArraySource,
+    ClinicalDataset,
+    FileSource,
+    ImageSource,
+    check_image,
+)
+from clinadapt.errors import DataError
+
+#: name -> loader(**kwargs) -> ClinicalDataset
+DATASETS: Registry = Registry("dataset")
+
+
+def _register_builtin() -> None:
+    # Imported for their registrations.
+    from clinadapt.data import medmnist, synthetic  # noqa: F401
+
+
+def load_dataset(name_or_path: str | Path, **kwargs: Any) -> ClinicalDataset:
+    """Load a registered dataset by name, or a dataset from a path.
+
+    Paths: a directory of class folders (or with a ``manifest.csv``), a ``.csv`` manifest, a
+    MedMNIST ``.npz`` file, or a NIfTI volume (``.nii``/``.nii.gz``) read as 2D slices.
+    """
+    _register_builtin()
+    key = str(name_or_path)
+    if key in DATASETS:
+        return DATASETS.get(key)(**kwargs)
+    path = Path(key).expanduser()
+    if not path.exists():
+        raise DataError(
+            f"{key!r} is neither a registered dataset ({', '.join(DATASETS.names())}) "
+            "nor an existing path"
+        )
+    from clinadapt.data import folder, medmnist, nifti
+
+    name = path.name.lower()
+    if path.is_dir():
+        if (path / "manifest.csv").exists():
+            return folder.load_manifest(path / "manifest.csv", **kwargs)
+        return folder.load_image_folder(path, **kwargs)
+    if name.endswith(".csv"):
+        return folder.load_manifest(path, **kwargs)
+    if name.endswith(".npz"):
+        return medmnist.load_medmnist_npz(path, **kwargs)
+    if name.endswith((".nii", ".nii.gz")):
+        return nifti.load_nifti_volume(path, **kwargs)
+    raise DataError(
+        f"{key}: cannot tell how to read this file; give a directory, a .csv manifest, a "
+        "MedMNIST .npz or a NIfTI volume"
+    )
+
+
+def list_datasets() -> list[str]:
+    _register_builtin()
+    return DATASETS.names()
+
+
+__all__ = [
+    "DATASETS",
+    "META_KEYS",
+    "ArraySource",
+    "ClinicalDataset",
+    "FileSource",
+    "ImageSource",
+    "check_image",
+    "list_datasets",
+    "load_dataset",
+]

@@ -1,0 +1,312 @@
+"""The dataset every reader produces: images, labels, class names and per-image metadata."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+
+from clinadapt.errors import DataError
+
+Task = Literal["multiclass", "binary", "multilabel"]
+TASKS: tuple[str, ...] = ("multiclass", "binary", "multilabel")
+# Metadata keys with a meaning across the toolkit; readers may add others.
+META_KEYS = ("split", "domain", "scanner", "sex", "age_group", "patient_id")
+
+
+class ImageSource:
+    """Where pixels come from: ``load(i)`` returns a uint8 (H,W) or (H,W,C) array."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def load(self, i: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def describe(self, i: int) -> str:
+        """Name image ``i`` in error messages (a file path where there is one)."""
+        return f"image #{i}"
+
+    def fingerprint(self) -> str:
+        raise NotImplementedError
+
+
+class ArraySource(ImageSource):
+    """Images held in memory as one uint8 array (N,H,W) or (N,H,W,C)."""
+
+    def __init__(self, array: np.ndarray, origin: str = "array") -> None:
+        array = np.asarray(array)
+        if array.ndim not in (3, 4):
+            raise DataError(f"{origin}: images must be (N,H,W) or (N,H,W,C), got {array.shape}")
+        if array.ndim == 4 and array.shape[-1] not in (1, 3, 4):
+            raise DataError(
+                f"{origin}: the last axis holds {array.shape[-1]} channels; expected 1, 3 or 4"
+            )
+        if array.dtype != np.uint8:
+            raise DataError(f"{origin}: images must be uint8, got {array.dtype}")
+        if array.ndim == 4 and array.shape[-1] == 1:
+            array = array[..., 0]
+        self.array = array
+        self.origin = origin
+        self._fp: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def load(self, i: int) -> np.ndarray:
+        return self.array[i]
+
+    def describe(self, i: int) -> str:
+        return f"{self.origin}[{i}]"
+
+    def fingerprint(self) -> str:
+        if self._fp is None:
+            h = hashlib.sha256(str(self.array.shape).encode())
+            h.update(np.ascontiguousarray(self.array).data)
+            self._fp = h.hexdigest()
+        return self._fp
+
+
+class FileSource(ImageSource):
+    """Images read lazily from files by ``reader(path) -> uint8 array``.
+
+    A reader failure becomes a :class:`DataError` naming the file.
+    """
+
+    def __init__(self, paths: Sequence[str], reader: Callable[[str], np.ndarray]) -> None:
+        self.paths = [str(p) for p in paths]
+        self.reader = reader
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, i: int) -> np.ndarray:
+        path = self.paths[i]
+        try:
+            img = self.reader(path)
+        except DataError:
+            raise
+        except Exception as e:  # corrupt or unreadable: name the file
+            raise DataError(f"cannot read image {path!r}: {type(e).__name__}: {e}") from e
+        return check_image(img, path)
+
+    def describe(self, i: int) -> str:
+        return self.paths[i]
+
+    def fingerprint(self) -> str:
+        import os
+
+        h = hashlib.sha256()
+        for p in self.paths:
+            try:
+                st = os.stat(p)
+                h.update(f"{p}|{st.st_size}|{int(st.st_mtime)}\n".encode())
+            except OSError:
+                h.update(f"{p}|missing\n".encode())
+        return h.hexdigest()
+
+
+def check_image(img: np.ndarray, where: str) -> np.ndarray:
+    """Validate a decoded image: uint8, (H,W) or (H,W,1|3|4), non-empty."""
+    img = np.asarray(img)
+    if img.ndim == 3 and img.shape[-1] == 1:
+        img = img[..., 0]
+    if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[-1] not in (3, 4)):
+        raise DataError(
+            f"{where}: unsupported image shape {img.shape}; expected (H,W) grey or (H,W,3) RGB"
+        )
+    if img.size == 0:
+        raise DataError(f"{where}: the image is empty")
+    if img.dtype != np.uint8:
+        raise DataError(f"{where}: decoded pixels are {img.dtype}, expected uint8")
+    return img
+
+
+@dataclass
+class ClinicalDataset:
+    """Images with labels, class names, modality and per-image metadata (split, domain, ...).
+
+    ``labels`` is (N,) int64 for single-label tasks and (N, K) {0,1} for multi-label ones.
+    ``metadata`` maps keys such as ``split``, ``domain``, ``scanner``, ``sex``, ``age_group``
+    and ``patient_id`` to (N,) string arrays.
+    """
+
+    name: str
+    source: ImageSource
+    labels: np.ndarray
+    class_names: list[str]
+    task: Task = "multiclass"
+    modality: str = "unknown"
+    metadata: dict[str, np.ndarray] = field(default_factory=dict)
+    index: np.ndarray | None = None  # positions in ``source``; None means all of it
+
+    def __post_init__(self) -> None:
+        if self.index is None:
+            self.index = np.arange(len(self.source), dtype=np.int64)
+        self.index = np.asarray(self.index, dtype=np.int64)
+        n = len(self.index)
+        if self.task not in TASKS:
+            raise DataError(f"{self.name}: task must be one of {TASKS}, got {self.task!r}")
+        if not self.class_names:
+            raise DataError(f"{self.name}: no class names")
+        self.labels = np.asarray(self.labels)
+        if len(self.labels) != n:
+            raise DataError(f"{self.name}: {len(self.labels)} labels for {n} images")
+        k = len(self.class_names)
+        if self.task == "multilabel":
+            if self.labels.ndim != 2 or self.labels.shape[1] != k:
+                raise DataError(
+                    f"{self.name}: multi-label targets must be (N, {k}), got {self.labels.shape}"
+                )
+            self.labels = self.labels.astype(np.int64)
+        else:
+            if self.labels.ndim != 1:
+                raise DataError(f"{self.name}: labels must be (N,), got {self.labels.shape}")
+            self.labels = self.labels.astype(np.int64)
+            if n and (self.labels.min() < 0 or self.labels.max() >= k):
+                bad = self.labels[(self.labels < 0) | (self.labels >= k)][0]
+                raise DataError(
+                    f"{self.name}: label {int(bad)} is outside the {k} classes {self.class_names}"
+                )
+        meta = {}
+        for key, values in self.metadata.items():
+            values = np.asarray(values).astype(str)
+            if len(values) != n:
+                raise DataError(
+                    f"{self.name}: metadata {key!r} has {len(values)} values for {n} images"
+                )
+            meta[key] = values
+        self.metadata = meta
+
+    # --- size and access ---------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def image(self, i: int) -> np.ndarray:
+        return self.source.load(int(self.index[i]))
+
+    def describe(self, i: int) -> str:
+        return self.source.describe(int(self.index[i]))
+
+    def meta(self, key: str) -> np.ndarray:
+        if key not in self.metadata:
+            raise DataError(
+                f"{self.name}: no metadata {key!r}; it has {sorted(self.metadata) or 'none'}"
+            )
+        return self.metadata[key]
+
+    def has_meta(self, key: str) -> bool:
+        return key in self.metadata
+
+    # --- views -------------------------------------------------------------------------------
+    def subset(
+        self, positions: np.ndarray | Sequence[int], name: str | None = None
+    ) -> ClinicalDataset:
+        """A view on some of this dataset's images (positions relative to this view)."""
+        pos = np.asarray(positions, dtype=np.int64)
+        return ClinicalDataset(
+            name=name or self.name,
+            source=self.source,
+            labels=self.labels[pos],
+            class_names=list(self.class_names),
+            task=self.task,
+            modality=self.modality,
+            metadata={k: v[pos] for k, v in self.metadata.items()},
+            index=self.index[pos],
+        )
+
+    @property
+    def splits(self) -> list[str]:
+        return sorted(set(self.metadata["split"])) if "split" in self.metadata else []
+
+    @property
+    def domains(self) -> list[str]:
+        return sorted(set(self.metadata["domain"])) if "domain" in self.metadata else []
+
+    def split(self, name: str) -> ClinicalDataset:
+        """The images of one split; fails if the split is absent or empty."""
+        if "split" not in self.metadata:
+            raise DataError(f"{self.name}: has no 'split' metadata, so no split {name!r}")
+        pos = np.flatnonzero(self.metadata["split"] == name)
+        if len(pos) == 0:
+            raise DataError(
+                f"{self.name}: split {name!r} is empty; splits present: {self.splits or 'none'}"
+            )
+        return self.subset(pos, name=f"{self.name}/{name}")
+
+    def where(self, **filters: str | Sequence[str]) -> ClinicalDataset:
+        """The images whose metadata match, e.g. ``where(domain=["site-a"], split="test")``."""
+        keep = np.ones(len(self), dtype=bool)
+        for key, want in filters.items():
+            values = [want] if isinstance(want, str) else list(want)
+            keep &= np.isin(self.meta(key), values)
+        if not keep.any():
+            raise DataError(f"{self.name}: no images match {filters}")
+        desc = ",".join(f"{k}={v}" for k, v in filters.items())
+        return self.subset(np.flatnonzero(keep), name=f"{self.name}[{desc}]")
+
+    def class_counts(self) -> np.ndarray:
+        if self.task == "multilabel":
+            return self.labels.sum(0)
+        return np.bincount(self.labels, minlength=self.num_classes)
+
+    def fingerprint(self) -> str:
+        """A hash of pixels source, the selected images, labels and metadata."""
+        h = hashlib.sha256(self.source.fingerprint().encode())
+        h.update(np.ascontiguousarray(self.index).data)
+        h.update(np.ascontiguousarray(self.labels).data)
+        h.update("|".join(self.class_names).encode())
+        for key in sorted(self.metadata):
+            h.update(key.encode())
+            h.update("\x1f".join(self.metadata[key].tolist()).encode())
+        return h.hexdigest()[:16]
+
+    def summary(self) -> dict:
+        out = {
+            "name": self.name,
+            "images": len(self),
+            "classes": list(self.class_names),
+            "task": self.task,
+            "modality": self.modality,
+            "fingerprint": self.fingerprint(),
+        }
+        for key in ("split", "domain"):
+            if key in self.metadata:
+                vals, counts = np.unique(self.metadata[key], return_counts=True)
+                out[key + "s"] = dict(zip(vals.tolist(), counts.tolist(), strict=True))
+        return out
+
+    # --- batches -----------------------------------------------------------------------------
+    def batches(
+        self,
+        preprocess: Callable[[list[np.ndarray]], torch.Tensor],
+        batch_size: int = 64,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        drop_last: bool = False,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, np.ndarray]]:
+        """Yield ``(images, labels, positions)``; images go through ``preprocess`` batch-wise."""
+        if len(self) == 0:
+            raise DataError(f"{self.name}: no images to iterate over")
+        order = np.arange(len(self))
+        if shuffle:
+            order = np.random.default_rng(seed).permutation(len(self))
+        for start in range(0, len(order), batch_size):
+            pos = order[start : start + batch_size]
+            if drop_last and len(pos) < batch_size:
+                break
+            imgs = [self.image(int(i)) for i in pos]
+            if len({im.shape for im in imgs}) == 1:
+                x = preprocess(imgs)
+            else:  # mixed sizes: bring each to the model's size alone
+                x = torch.cat([preprocess([im]) for im in imgs])
+            yield x, torch.as_tensor(self.labels[pos]), pos

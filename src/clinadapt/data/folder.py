@@ -1,0 +1,517 @@
+"""Image files, class-folder trees and CSV manifests as :class:`ClinicalDataset`."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from clinadapt.data.base import ClinicalDataset, FileSource, Task, check_image
+from clinadapt.data.dicom import Window, read_dicom, scale_to_uint8
+from clinadapt.data.nifti import read_nifti_slices
+from clinadapt.errors import DataError
+
+PIL_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+DICOM_EXTENSIONS = (".dcm", ".dicom")
+NIFTI_EXTENSIONS = (".nii", ".nii.gz")
+NUMPY_EXTENSIONS = (".npy",)
+IMAGE_EXTENSIONS = PIL_EXTENSIONS + DICOM_EXTENSIONS + NIFTI_EXTENSIONS + NUMPY_EXTENSIONS
+
+SPLIT_ALIASES = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
+}
+# Canonical metadata key -> header names (lowercase, "_" for spaces and dashes) that mean it.
+META_ALIASES: dict[str, tuple[str, ...]] = {
+    "split": ("split", "partition"),
+    "domain": ("domain", "site", "center", "centre", "hospital", "institution"),
+    "scanner": ("scanner", "manufacturer", "device"),
+    "sex": ("sex", "gender"),
+    "age_group": ("age_group", "agegroup", "age_bin"),
+    "patient_id": ("patient_id", "patientid", "patient", "subject_id", "subject"),
+}
+
+
+def _kind(path: Path) -> str | None:
+    name = path.name.lower()
+    for kind, exts in (
+        ("pil", PIL_EXTENSIONS),
+        ("dicom", DICOM_EXTENSIONS),
+        ("nifti", NIFTI_EXTENSIONS),
+        ("numpy", NUMPY_EXTENSIONS),
+    ):
+        if name.endswith(exts):
+            return kind
+    return None
+
+
+def _is_dicom(path: Path) -> bool:
+    """Whether the file carries the DICOM preamble ("DICM" at byte 128)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:] == b"DICM"
+
+
+def _scale_to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Keep uint8; stretch anything else from its own finite min..max onto 0..255."""
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == np.bool_:
+        return arr.astype(np.uint8) * 255
+    return scale_to_uint8(arr)
+
+
+def _pil_to_array(im, where: str) -> np.ndarray:
+    mode = im.mode
+    if mode in ("L", "RGB"):
+        return np.asarray(im)
+    if mode == "1":
+        return np.asarray(im.convert("L"))
+    if mode == "P" or mode == "PA":
+        rgb = np.asarray(im.convert("RGB"))
+        grey = (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()
+        return rgb[..., 0].copy() if grey else rgb
+    if mode == "LA" or mode == "La":
+        return np.asarray(im)[..., 0].copy()  # drop alpha
+    if mode in ("RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"):
+        return np.asarray(im.convert("RGB"))
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        return _scale_to_uint8(np.asarray(im))
+    raise DataError(f"{where}: unsupported image mode {mode!r}")
+
+
+def _read_pil(path: Path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    where = str(path)
+    try:
+        with Image.open(path) as im:
+            if im.format == "TIFF" and getattr(im, "n_frames", 1) > 1:
+                raise DataError(f"{where}: a TIFF with {im.n_frames} pages; expected one image")
+            im.load()
+            return _pil_to_array(im, where)
+    except DataError:
+        raise
+    except UnidentifiedImageError as e:
+        raise DataError(
+            f"{where}: not a readable image (corrupt or not really {path.suffix})"
+        ) from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{where}: corrupt image ({type(e).__name__}: {e})") from e
+
+
+def _read_numpy(path: Path) -> np.ndarray:
+    where = str(path)
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise DataError(f"{where}: not a readable .npy array ({type(e).__name__}: {e})") from e
+    if not isinstance(arr, np.ndarray) or not (
+        np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_
+    ):
+        raise DataError(
+            f"{where}: expected a numeric array, got {getattr(arr, 'dtype', type(arr))}"
+        )
+    if arr.ndim == 3 and arr.shape[-1] == 4:
+        arr = arr[..., :3]  # drop alpha
+    return _scale_to_uint8(arr)
+
+
+def read_image_file(
+    path: str | Path, *, slice: int | None = None, window: Window = None
+) -> np.ndarray:
+    """Read one image file as uint8 (H,W) grey or (H,W,3) RGB, by its extension.
+
+    PNG/JPEG/BMP/TIFF via Pillow (16-bit and float grey stretched from the image's own min..max
+    to 8 bits; palette, CMYK and alpha images become RGB or grey with alpha dropped); ``.dcm``
+    (or any file with the DICOM preamble) via :func:`read_dicom`, ``slice`` picking the frame of a
+    multi-frame file; ``.nii``/``.nii.gz`` via the middle axial slice or ``slice``; ``.npy``
+    channels-last arrays. ``window`` goes to the DICOM ((center, width)) or NIfTI ((low, high))
+    reader; a CT preset name works for both.
+    """
+    p = Path(path).expanduser()
+    where = str(path)
+    if not p.is_file():
+        raise DataError(f"{where}: no such image file")
+    kind = _kind(p)
+    if kind is None and _is_dicom(p):
+        kind = "dicom"
+    if slice is not None and kind not in ("dicom", "nifti"):
+        raise DataError(f"{where}: a slice ({slice}) only applies to NIfTI and multi-frame DICOM")
+    if kind == "pil":
+        img = _read_pil(p)
+    elif kind == "dicom":
+        img = read_dicom(p, window=window, frame=slice)
+    elif kind == "nifti":
+        img = read_nifti_slices(
+            p,
+            slices="middle" if slice is None else slice,
+            window="percentile" if window is None else window,
+        )[0]
+    elif kind == "numpy":
+        img = _read_numpy(p)
+    else:
+        raise DataError(
+            f"{where}: unsupported file type; readable: {', '.join(IMAGE_EXTENSIONS)} "
+            "and DICOM files without an extension"
+        )
+    return check_image(img, where)
+
+
+class SlicedFileSource(FileSource):
+    """Files read lazily with a per-image slice (NIfTI slice or DICOM frame) where given."""
+
+    def __init__(
+        self, paths: Sequence[str], slices: Sequence[int | None], window: Window = None
+    ) -> None:
+        super().__init__(paths, partial(read_image_file, window=window))
+        self.slices = list(slices)
+        self.window = window
+
+    def load(self, i: int) -> np.ndarray:
+        where = self.describe(i)
+        try:
+            img = read_image_file(self.paths[i], slice=self.slices[i], window=self.window)
+        except DataError:
+            raise
+        except Exception as e:
+            raise DataError(f"cannot read image {where!r}: {type(e).__name__}: {e}") from e
+        return check_image(img, where)
+
+    def describe(self, i: int) -> str:
+        k = self.slices[i]
+        return self.paths[i] if k is None else f"{self.paths[i]} (slice {k})"
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(super().fingerprint().encode())
+        h.update(repr(self.slices).encode())
+        return h.hexdigest()
+
+
+def _default_task(task: Task | None, k: int) -> Task:
+    return task or ("binary" if k == 2 else "multiclass")
+
+
+def _list_images(folder: Path) -> list[Path]:
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file()
+        and _kind(p) is not None
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+
+
+def load_image_folder(
+    root: str | Path,
+    class_names: Sequence[str] | None = None,
+    modality: str = "unknown",
+    *,
+    task: Task | None = None,
+    window: Window = None,
+    name: str | None = None,
+) -> ClinicalDataset:
+    """Read ``root/<class>/*`` or ``root/<split>/<class>/*`` (split: train/val/test) images.
+
+    Classes are the folder names, sorted, unless ``class_names`` gives them (and their order:
+    with two classes the task is binary and ``class_names[1]`` the positive one). Files are
+    found recursively by extension (:data:`IMAGE_EXTENSIONS`); hidden files are skipped.
+    Images are read lazily; an empty class or split folder is an error.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"{root}: no such image folder")
+    subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not subdirs:
+        raise DataError(
+            f"{root}: no class folders; expected root/<class>/<images> or "
+            "root/<split>/<class>/<images>"
+        )
+    is_split = [d.name.lower() in SPLIT_ALIASES for d in subdirs]
+    if any(is_split) and not all(is_split):
+        raise DataError(
+            f"{root}: mixes split folders ({', '.join(d.name for d, s in zip(subdirs, is_split, strict=True) if s)}) "
+            f"with other folders ({', '.join(d.name for d, s in zip(subdirs, is_split, strict=True) if not s)}); "
+            "use root/<class>/* or root/<split>/<class>/*"
+        )
+    groups: list[tuple[str | None, Path]] = []
+    if all(is_split):
+        for split_dir in subdirs:
+            class_dirs = sorted(
+                d for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith(".")
+            )
+            if not class_dirs:
+                raise DataError(
+                    f"{split_dir}: the split folder is empty; expected <class>/ folders"
+                )
+            groups += [(SPLIT_ALIASES[split_dir.name.lower()], d) for d in class_dirs]
+    else:
+        groups = [(None, d) for d in subdirs]
+    found = sorted({d.name for _, d in groups})
+    if class_names is None:
+        names = found
+    else:
+        names = [str(c) for c in class_names]
+        unknown = [c for c in found if c not in names]
+        if unknown:
+            raise DataError(f"{root}: folders {unknown} are not among the classes {names}")
+        absent = [c for c in names if c not in found]
+        if absent:
+            raise DataError(f"{root}: classes {absent} have no folder, so no images")
+    paths: list[str] = []
+    labels: list[int] = []
+    splits: list[str] = []
+    for split, d in groups:
+        files = _list_images(d)
+        if not files:
+            raise DataError(
+                f"{d}: the class folder has no images (looked for {', '.join(IMAGE_EXTENSIONS)})"
+            )
+        paths += [str(f) for f in files]
+        labels += [names.index(d.name)] * len(files)
+        splits += [split or ""] * len(files)
+    metadata = {"split": np.array(splits)} if all(is_split) else {}
+    return ClinicalDataset(
+        name=name or root.name,
+        source=FileSource(paths, partial(read_image_file, window=window)),
+        labels=np.array(labels, dtype=np.int64),
+        class_names=names,
+        task=_default_task(task, len(names)),
+        modality=modality,
+        metadata=metadata,
+    )
+
+
+def _as_index(text: str) -> int | None:
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def _header_key(column: str) -> str:
+    return column.strip().lower().replace(" ", "_").replace("-", "_")
+
+
+def _metadata_columns(fields: list[str], skip: set[str]) -> dict[str, str]:
+    """Map each metadata key to its CSV column: canonical keys by alias, others as named."""
+    out: dict[str, str] = {}
+    rest = [c for c in fields if c not in skip]
+    for key, aliases in META_ALIASES.items():
+        for alias in aliases:  # the first alias present wins (the canonical name comes first)
+            col = next((c for c in rest if _header_key(c) == alias), None)
+            if col is not None:
+                out[key] = col
+                rest.remove(col)
+                break
+    for col in rest:
+        key = col.strip()
+        if key and key not in out:
+            out[key] = col
+    return out
+
+
+def load_manifest(
+    csv_path: str | Path,
+    path_col: str = "path",
+    label_col: str | None = "label",
+    class_names: Sequence[str] | None = None,
+    modality: str = "unknown",
+    root: str | Path | None = None,
+    multilabel_sep: str | None = None,
+    *,
+    task: Task | None = None,
+    window: Window = None,
+    name: str | None = None,
+) -> ClinicalDataset:
+    """Read a CSV manifest: one row per image with its path, label and optional metadata.
+
+    Paths are relative to ``root`` (default: the CSV's folder) unless absolute. Labels are class
+    names or integer indices (several per cell with ``multilabel_sep``, which makes the task
+    multi-label; an empty cell then means no positive class); ``label_col=None`` reads unlabelled
+    images under the placeholder class ``"unlabelled"``. Metadata columns map to the canonical
+    keys (``site`` -> ``domain``, ``patient`` -> ``patient_id``, ... see :data:`META_ALIASES`);
+    every other column is kept under its own name. A ``slice`` column picks NIfTI slices or
+    DICOM frames. Files must exist now; they are decoded (and checked) when read.
+    """
+    csv_path = Path(csv_path).expanduser()
+    where = str(csv_path)
+    if not csv_path.is_file():
+        raise DataError(f"{where}: no such manifest file")
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            fields = [c for c in (reader.fieldnames or [])]
+            rows, lines = [], []
+            for row in reader:
+                rows.append(row)
+                lines.append(reader.line_num)
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{where}: not a readable CSV ({type(e).__name__}: {e})") from e
+    if not fields or not any(c.strip() for c in fields):
+        raise DataError(f"{where}: the CSV is empty (no header row)")
+    if not rows:
+        raise DataError(f"{where}: the CSV has a header ({', '.join(fields)}) but no rows")
+    required = [c for c in (path_col, label_col) if c is not None]
+    missing = [c for c in required if c not in fields]
+    if missing:
+        raise DataError(
+            f"{where}: missing column(s) {missing}; the columns are {fields} "
+            "(choose others with path_col=/label_col=)"
+        )
+
+    def at(i: int) -> str:
+        return f"{where}: row {i + 1} (line {lines[i]})"
+
+    for i, row in enumerate(rows):
+        if None in row:
+            raise DataError(f"{at(i)} has more cells than the header's {len(fields)} columns")
+
+    def cell(row: dict, col: str) -> str:
+        return (row.get(col) or "").strip()
+
+    # paths: resolved eagerly, existence and duplicates checked now
+    base = Path(root).expanduser() if root is not None else csv_path.parent
+    has_slice = "slice" in fields and any(cell(r, "slice") for r in rows)
+    paths: list[str] = []
+    slices: list[int | None] = []
+    for i, row in enumerate(rows):
+        text = cell(row, path_col)
+        if not text:
+            raise DataError(f"{at(i)} has an empty {path_col!r}")
+        p = Path(text).expanduser()
+        paths.append(str(p if p.is_absolute() else base / p))
+        k: int | None = None
+        if has_slice and cell(row, "slice"):
+            k = _as_index(cell(row, "slice"))
+            if k is None or k < 0:
+                raise DataError(
+                    f"{at(i)}: slice {cell(row, 'slice')!r} is not a non-negative integer"
+                )
+        slices.append(k)
+    absent = [p for p in dict.fromkeys(paths) if not Path(p).is_file()]
+    if absent:
+        more = f" and {len(absent) - 5} more" if len(absent) > 5 else ""
+        raise DataError(
+            f"{where}: {len(absent)} image path(s) do not exist (relative paths are read from "
+            f"{base}): {', '.join(absent[:5])}{more}"
+        )
+    seen: dict[tuple[str, int | None], list[int]] = {}
+    for i, key in enumerate(zip(paths, slices, strict=True)):
+        seen.setdefault(key, []).append(i + 1)
+    dups = [(k, r) for k, r in seen.items() if len(r) > 1]
+    if dups:
+        desc = "; ".join(
+            f"{p}{'' if s is None else f' slice {s}'} (rows {', '.join(map(str, r))})"
+            for (p, s), r in dups[:5]
+        )
+        raise DataError(f"{where}: {len(dups)} duplicate image path(s): {desc}")
+
+    # labels
+    names = [str(c) for c in class_names] if class_names is not None else None
+    if label_col is None:
+        if multilabel_sep is not None:
+            raise DataError(f"{where}: multilabel_sep needs a label column")
+        names = names or ["unlabelled"]
+        labels = np.zeros(len(rows), dtype=np.int64)
+    else:
+        if multilabel_sep is not None:
+            cells = [
+                [t.strip() for t in cell(r, label_col).split(multilabel_sep) if t.strip()]
+                for r in rows
+            ]
+        else:
+            cells = []
+            for i, r in enumerate(rows):
+                if not cell(r, label_col):
+                    raise DataError(f"{at(i)} has no label in column {label_col!r}")
+                cells.append([cell(r, label_col)])
+        if names is None:
+            values = {t for c in cells for t in c}
+            if not values:
+                raise DataError(f"{where}: column {label_col!r} holds no labels")
+            ints = {t: _as_index(t) for t in values}
+            words = sorted(t for t, v in ints.items() if v is None)
+            if not words:
+                if min(ints.values()) < 0:  # type: ignore[type-var]
+                    raise DataError(f"{where}: negative class index {min(ints.values())}")
+                names = [str(j) for j in range(max(ints.values()) + 1)]  # type: ignore[type-var]
+            elif len(words) < len(values):
+                nums = sorted(t for t, v in ints.items() if v is not None)
+                raise DataError(
+                    f"{where}: labels in {label_col!r} mix class names ({', '.join(map(repr, words[:5]))}) "
+                    f"and integers ({', '.join(map(repr, nums[:5]))}); pass class_names= to say "
+                    "which classes the integers index"
+                )
+            else:
+                names = words
+        lookup = {n: j for j, n in enumerate(names)}
+
+        def index(i: int, text: str) -> int:
+            if text in lookup:
+                return lookup[text]
+            j = _as_index(text)
+            if j is not None and 0 <= j < len(names):
+                return j
+            raise DataError(
+                f"{at(i)}: unknown label {text!r} in column {label_col!r}; the classes are {names} "
+                f"(or their indices 0..{len(names) - 1})"
+            )
+
+        if multilabel_sep is not None:
+            labels = np.zeros((len(rows), len(names)), dtype=np.int64)
+            for i, c in enumerate(cells):
+                for t in c:
+                    labels[i, index(i, t)] = 1
+        else:
+            labels = np.array([index(i, c[0]) for i, c in enumerate(cells)], dtype=np.int64)
+    if multilabel_sep is not None:
+        if task not in (None, "multilabel"):
+            raise DataError(f"{where}: multilabel_sep makes the task multilabel, not {task!r}")
+        task = "multilabel"
+    elif task == "multilabel":
+        raise DataError(f"{where}: a multilabel task needs multilabel_sep (the label separator)")
+
+    # metadata
+    skip = {path_col} | ({label_col} if label_col else set())
+    metadata: dict[str, np.ndarray] = {}
+    for key, col in _metadata_columns(fields, skip).items():
+        values = [cell(r, col) for r in rows]
+        if key == "split":
+            for i, v in enumerate(values):
+                if v.lower() not in SPLIT_ALIASES:
+                    raise DataError(
+                        f"{at(i)}: split {v!r} in column {col!r} is not one of train, val, test"
+                    )
+            values = [SPLIT_ALIASES[v.lower()] for v in values]
+        elif key in ("domain", "scanner", "sex", "age_group"):
+            values = [v or "unknown" for v in values]
+        metadata[key] = np.array(values, dtype=str)
+
+    ds_name = name or (csv_path.parent.name if csv_path.stem == "manifest" else csv_path.stem)
+    source = (
+        SlicedFileSource(paths, slices, window)
+        if has_slice
+        else FileSource(paths, partial(read_image_file, window=window))
+    )
+    return ClinicalDataset(
+        name=ds_name,
+        source=source,
+        labels=labels,
+        class_names=names,
+        task=_default_task(task, len(names)),
+        modality=modality,
+        metadata=metadata,
+    )
