@@ -57,6 +57,12 @@ class RunConfig(BaseModel):
     pretrained: bool = Field(
         True, description="load pretrained weights (tiny-* models never have any)"
     )
+    model_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="options of the model's builder, checked per family: image_size (input "
+        "side in pixels, any model), timm arguments (in_chans, drop_path_rate, ...), open_clip "
+        "or transformers config fields",
+    )
     data: str = Field("clinical-shift", description="registered dataset name or a path")
     data_options: dict[str, Any] = Field(
         default_factory=dict, description="keyword arguments of the dataset loader"

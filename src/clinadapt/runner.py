@@ -64,7 +64,9 @@ def build_classifier(
 ) -> ImageClassifier:
     """The backbone of ``cfg`` with a fresh head, initialised from ``cfg.seed``."""
     torch.manual_seed(cfg.seed)
-    encoder = load_model(cfg.model, weights=cfg.weights, pretrained=cfg.pretrained)
+    encoder = load_model(
+        cfg.model, weights=cfg.weights, pretrained=cfg.pretrained, **cfg.model_options
+    )
     return ImageClassifier(encoder, num_classes, class_names).to(cfg.device)
 
 
@@ -96,6 +98,7 @@ def _fit_key(
         "model": cfg.model,
         "weights": cfg.weights,
         "pretrained": cfg.pretrained,
+        "model_options": cfg.model_options,
         "method": method,
         "target": target,
         "target_options": cfg.target_options if method == cfg.method else {},

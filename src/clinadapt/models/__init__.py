@@ -17,8 +17,10 @@ import torch
 
 from clinadapt._registry import Registry
 from clinadapt.errors import ConfigError, RegistryError, WeightsUnavailableError
+from clinadapt.models._common import adjust_preprocess
 from clinadapt.models._weights import is_online, model_dir_root
 from clinadapt.models.base import FoundationModel, Preprocessing
+from clinadapt.models.options import IMAGE_SIZE, builder_options, check_image_size
 from clinadapt.models.spec import ModelSpec
 
 MODELS: Registry[ModelSpec] = Registry("model")
@@ -413,24 +415,32 @@ def load_model(
     weights: str | Path | None = None,
     pretrained: bool = True,
     device: str | torch.device = "cpu",
-    **overrides: Any,
+    **options: Any,
 ) -> FoundationModel:
     """Build a backbone by registered name or library id, in eval mode on ``device``.
 
     Weights come from ``weights`` (a file or folder), else ``$CLINADAPT_MODEL_DIR/<name>/``, else
     the Hugging Face cache, else the hub when online; otherwise ``WeightsUnavailableError`` says
     what to download and where to put it. ``pretrained=False`` builds a random initialisation
-    without looking for weights. ``overrides`` go to the library constructor (timm kwargs such
-    as ``in_chans``/``img_size``, open_clip model config keys, transformers config attributes).
+    without looking for weights. ``options`` are checked against the family's builder (see
+    :mod:`clinadapt.models.options`): ``image_size`` for any model, else timm constructor
+    arguments (``in_chans``, ``drop_path_rate``, ...), open_clip model config keys or
+    transformers config fields; the model's ``describe()`` records them.
     """
     spec = get_spec(name)
+    kwargs = builder_options(spec, options)
     if weights is not None and not pretrained:
         raise ConfigError(
             f"weights={weights!s} was given with pretrained=False for {name!r}; drop one"
         )
     if weights is not None:
         weights = os.fspath(weights)
-    model = _builder(spec.family)(spec, weights=weights, pretrained=pretrained, overrides=overrides)
+    model = _builder(spec.family)(spec, weights=weights, pretrained=pretrained, overrides=kwargs)
+    if IMAGE_SIZE in options:  # also for architectures without an input size of their own
+        model.preprocess = adjust_preprocess(
+            model.preprocess, image_size=check_image_size(options[IMAGE_SIZE])
+        )
+    model.options = dict(options)
     return model.to(device).eval()
 
 

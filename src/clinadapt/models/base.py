@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -126,6 +127,7 @@ class FoundationModel(nn.Module, metaclass=abc.ABCMeta):
         self.tokenizer = tokenizer
         self._logit_scale = logit_scale
         self.source = source
+        self.options: dict[str, Any] = {}  # the model options it was built with
 
     @property
     def has_text(self) -> bool:
@@ -162,4 +164,5 @@ class FoundationModel(nn.Module, metaclass=abc.ABCMeta):
             "preprocess": self.preprocess.to_dict(),
             "parameters": n,
             "source": self.source,
+            "options": dict(self.options),
         }

@@ -19,6 +19,7 @@ from clinadapt.errors import IncompatibleError
 from clinadapt.models._common import (
     TokenizerFn,
     as_list,
+    deep_merge,
     module_device,
     pair,
     quiet_transformers,
@@ -351,7 +352,7 @@ def build(
             config_dict = json.loads(conf.files[0].read_text())
             if kind == "auto":
                 kind = KIND_OF_TYPE.get(config_dict.get("model_type", ""), "auto")
-        config = _config_from_dict(kind, {**config_dict, **overrides})
+        config = _config_from_dict(kind, deep_merge(config_dict, overrides))
         if kind == "vit_mae":
             config.mask_ratio = 0.0
         with seeded(spec.seed):

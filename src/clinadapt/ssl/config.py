@@ -15,6 +15,10 @@ class PretrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field("tiny-vit", description="model name or library id to pre-train")
+    model_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="options of the model's builder (image_size, in_chans, drop_path_rate, ...)",
+    )
     data: str = Field("clinical-shift", description="dataset name or path; labels are not used")
     data_options: dict[str, Any] = Field(
         default_factory=dict, description="keyword arguments of the dataset loader"
@@ -69,6 +73,7 @@ class PretrainConfig(BaseModel):
         return self.model_dump(
             include={
                 "model",
+                "model_options",
                 "data",
                 "data_options",
                 "method",

@@ -113,7 +113,10 @@ def build(cfg: PretrainConfig) -> tuple[SSLMethod, ClinicalDataset, ClinicalData
     pool = unlabelled_pool(ds, cfg)
     torch.manual_seed(cfg.seed)
     backbone = load_model(
-        cfg.model, weights=weights, pretrained=cfg.pretrained or weights is not None
+        cfg.model,
+        weights=weights,
+        pretrained=cfg.pretrained or weights is not None,
+        **cfg.model_options,
     ).to(cfg.device)
     if backbone.text_encoder is not None:
         backbone.text_encoder.requires_grad_(False)  # only the image tower is pre-trained
@@ -278,7 +281,9 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         "loss_first": history[0] if history else None,
         "loss_last": float(np.mean(history[-10:])) if history else None,
         "weights": str(weights),
-        "load_with": f"load_model({cfg.model!r}, weights={str(weights)!r})",
+        "load_with": f"load_model({cfg.model!r}, weights={str(weights)!r}"
+        + "".join(f", {k}={v!r}" for k, v in cfg.model_options.items())
+        + ")",
     }
     if cfg.evaluate:
         summary["eval"] = evaluate_backbone(exported, ds, seed=cfg.seed)
