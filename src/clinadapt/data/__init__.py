@@ -22,7 +22,7 @@ DATASETS: Registry = Registry("dataset")
 
 def _register_builtin() -> None:
     # Imported for their registrations.
-    from clinadapt.data import medmnist, synthetic  # noqa: F401
+    from clinadapt.data import medmnist, synthetic, synthetic_seg  # noqa: F401
 
 
 def load_dataset(name_or_path: str | Path, **kwargs: Any) -> ClinicalDataset:

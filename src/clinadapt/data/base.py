@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import abc
+import dataclasses
 import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 
 from clinadapt.errors import DataError
 
-Task = Literal["multiclass", "binary", "multilabel"]
+Task = Literal["multiclass", "binary", "multilabel", "segmentation"]
+# The classification tasks; "segmentation" belongs to data.segmentation.SegmentationDataset.
 TASKS: tuple[str, ...] = ("multiclass", "binary", "multilabel")
+SEGMENTATION = "segmentation"
 # Metadata keys with a meaning across the toolkit; readers may add others.
 META_KEYS = ("split", "domain", "scanner", "sex", "age_group", "patient_id")
 
@@ -130,7 +133,7 @@ def check_image(img: np.ndarray, where: str) -> np.ndarray:
     return img
 
 
-@dataclass
+@dataclass(repr=False)
 class ClinicalDataset:
     """Images with labels, class names, modality and per-image metadata (split, domain, ...).
 
@@ -148,18 +151,35 @@ class ClinicalDataset:
     metadata: dict[str, np.ndarray] = field(default_factory=dict)
     index: np.ndarray | None = None  # positions in ``source``; None means all of it
 
+    # Fields holding one row per image of the view: subset() and concat() carry them along.
+    PER_IMAGE: ClassVar[tuple[str, ...]] = ("labels",)
+
     def __post_init__(self) -> None:
         if self.index is None:
             self.index = np.arange(len(self.source), dtype=np.int64)
         self.index = np.asarray(self.index, dtype=np.int64)
         n = len(self.index)
-        if self.task not in TASKS:
-            raise DataError(f"{self.name}: task must be one of {TASKS}, got {self.task!r}")
         if not self.class_names:
             raise DataError(f"{self.name}: no class names")
         self.labels = np.asarray(self.labels)
         if len(self.labels) != n:
             raise DataError(f"{self.name}: {len(self.labels)} labels for {n} images")
+        self._check_labels()
+        meta = {}
+        for key, values in self.metadata.items():
+            values = np.asarray(values).astype(str)
+            if len(values) != n:
+                raise DataError(
+                    f"{self.name}: metadata {key!r} has {len(values)} values for {n} images"
+                )
+            meta[key] = values
+        self.metadata = meta
+
+    def _check_labels(self) -> None:
+        """Validate ``labels`` for the task (subclasses with other tasks override this)."""
+        if self.task not in TASKS:
+            raise DataError(f"{self.name}: task must be one of {TASKS}, got {self.task!r}")
+        n = len(self.index)
         k = len(self.class_names)
         if self.task == "multilabel":
             if self.labels.ndim != 2 or self.labels.shape[1] != k:
@@ -176,15 +196,12 @@ class ClinicalDataset:
                 raise DataError(
                     f"{self.name}: label {int(bad)} is outside the {k} classes {self.class_names}"
                 )
-        meta = {}
-        for key, values in self.metadata.items():
-            values = np.asarray(values).astype(str)
-            if len(values) != n:
-                raise DataError(
-                    f"{self.name}: metadata {key!r} has {len(values)} values for {n} images"
-                )
-            meta[key] = values
-        self.metadata = meta
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self.name!r}, {len(self)} images, task={self.task!r}, "
+            f"classes={self.class_names})"
+        )
 
     # --- size and access ---------------------------------------------------------------------
     def __len__(self) -> int:
@@ -216,15 +233,35 @@ class ClinicalDataset:
     ) -> ClinicalDataset:
         """A view on some of this dataset's images (positions relative to this view)."""
         pos = np.asarray(positions, dtype=np.int64)
-        return ClinicalDataset(
+        return self.replace(
             name=name or self.name,
-            source=self.source,
-            labels=self.labels[pos],
             class_names=list(self.class_names),
-            task=self.task,
-            modality=self.modality,
             metadata={k: v[pos] for k, v in self.metadata.items()},
             index=self.index[pos],
+            **{f: getattr(self, f)[pos] for f in self.PER_IMAGE},
+        )
+
+    def replace(self, **changes: Any) -> ClinicalDataset:
+        """A copy with some fields changed, of the same type (a segmentation set keeps its masks)."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def concat(cls, parts: Sequence[ClinicalDataset], name: str) -> ClinicalDataset:
+        """One view made of ``parts`` in sequence; they must be views of one dataset's sources.
+
+        Metadata keys missing from any part are dropped.
+        """
+        if not parts:
+            raise DataError(f"{name}: nothing to concatenate")
+        first = parts[0]
+        if any(p.source is not first.source or type(p) is not type(first) for p in parts):
+            raise DataError(f"{name}: can only join views of one dataset (one image source)")
+        keys = set.intersection(*(set(p.metadata) for p in parts))
+        return first.replace(
+            name=name,
+            metadata={k: np.concatenate([p.metadata[k] for p in parts]) for k in sorted(keys)},
+            index=np.concatenate([p.index for p in parts]),
+            **{f: np.concatenate([getattr(p, f) for p in parts]) for f in first.PER_IMAGE},
         )
 
     @property

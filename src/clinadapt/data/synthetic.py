@@ -10,13 +10,15 @@ others, which is what the rest of the toolkit is meant to measure and recover.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy.ndimage import gaussian_filter, zoom
 
 from clinadapt.data import DATASETS
-from clinadapt.data.base import ArraySource, ClinicalDataset
+from clinadapt.data.base import META_KEYS, ArraySource, ClinicalDataset
 from clinadapt.errors import DataError
 
 CLASS_NAMES = ["normal", "nodule", "consolidation", "effusion"]
@@ -102,10 +104,10 @@ def _anatomy(rng: np.random.Generator, size: int, old: bool) -> dict:
     }
 
 
-def _draw(
-    rng: np.random.Generator, size: int, anat: dict, label: int, x: np.ndarray, y: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Attenuation map in [0,1] for one image, and the two lung masks."""
+def _chest(
+    rng: np.random.Generator, size: int, anat: dict, x: np.ndarray, y: np.ndarray
+) -> tuple[np.ndarray, list[np.ndarray], tuple[float, float, float]]:
+    """The anatomy of one image: attenuation map, the two soft lung fields, (scale, dx, dy)."""
     s, dx, dy = anat["scale"], anat["dx"] + rng.normal(0, 0.015), anat["dy"] + rng.normal(0, 0.015)
     body = _ellipse(x, y, dx, dy + 0.05, 0.92 * s, 1.0 * s, 0.08)
     lungs = []
@@ -119,7 +121,15 @@ def _draw(
     tex_rng = np.random.default_rng(anat["texture_seed"])
     texture = gaussian_filter(tex_rng.normal(0, 1, (size, size)).astype(np.float32), size / 40)
     img += 0.035 * texture / (texture.std() + 1e-6) * lung
+    return img, lungs, (s, dx, dy)
 
+
+def _draw(
+    rng: np.random.Generator, size: int, anat: dict, label: int, x: np.ndarray, y: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Attenuation map in [0,1] for one image with its finding, and the lung fields."""
+    img, lungs, (s, dx, dy) = _chest(rng, size, anat, x, y)
+    lung = np.clip(lungs[0] + lungs[1], 0, 1)
     side = rng.integers(2)
     lcx = dx + (-1 if side == 0 else 1) * 0.38 * s
     if label == 1:  # nodule: a small dense round opacity inside one lung
@@ -161,6 +171,69 @@ def _acquire(rng: np.random.Generator, img: np.ndarray, site: SiteProfile, x, y)
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
+PatientFn = Callable[[np.random.Generator, str], dict[str, Any]]
+ImageFn = Callable[[np.random.Generator, str, dict[str, Any]], Any]
+
+
+def simulate_sites(
+    name: str,
+    seed: int,
+    size: int,
+    patients_per_site: int,
+    images_per_patient: tuple[int, int],
+    sites: Sequence[str] | None,
+    split_fractions: tuple[float, float, float],
+    patient: PatientFn,
+    image: ImageFn,
+) -> tuple[list[Any], dict[str, np.ndarray]]:
+    """Draw patients site by site and their images; return the images and per-image metadata.
+
+    ``patient(rng, site_name)`` draws one patient (its dict must hold ``female`` and ``old``);
+    ``image(rng, site_name, patient)`` draws one of its images. Splits are drawn per patient, so no
+    patient crosses a split; each site has its own random stream, so changing one site's size
+    leaves the others unchanged.
+    """
+    sites = list(sites) if sites is not None else list(SITES)
+    unknown = [s for s in sites if s not in SITES]
+    if unknown:
+        raise DataError(f"{name}: unknown site(s) {unknown}; known: {list(SITES)}")
+    if size < 32:
+        raise DataError(f"{name}: size must be at least 32, got {size}")
+    if patients_per_site < 5:
+        raise DataError(f"{name}: patients_per_site must be >= 5, got {patients_per_site}")
+    lo, hi = images_per_patient
+    if not 1 <= lo <= hi:
+        raise DataError(
+            f"{name}: images_per_patient must be 1 <= lo <= hi, got {images_per_patient}"
+        )
+    if abs(sum(split_fractions) - 1.0) > 1e-6 or min(split_fractions) < 0:
+        raise DataError(f"{name}: split_fractions must be >= 0 and sum to 1, got {split_fractions}")
+    images: list[Any] = []
+    meta: dict[str, list[str]] = {k: [] for k in META_KEYS}
+    streams = np.random.SeedSequence(seed).spawn(len(SITES))
+    for site_name in sites:
+        site = SITES[site_name]
+        rng = np.random.default_rng(streams[list(SITES).index(site_name)])
+        order = rng.permutation(patients_per_site)
+        n_tr = round(split_fractions[0] * patients_per_site)
+        n_va = round(split_fractions[1] * patients_per_site)
+        split_of = np.empty(patients_per_site, dtype=object)
+        split_of[order[:n_tr]] = "train"
+        split_of[order[n_tr : n_tr + n_va]] = "val"
+        split_of[order[n_tr + n_va :]] = "test"
+        for p in range(patients_per_site):
+            state = patient(rng, site_name)
+            for _ in range(int(rng.integers(lo, hi + 1))):
+                images.append(image(rng, site_name, state))
+                meta["split"].append(split_of[p])
+                meta["domain"].append(site_name)
+                meta["scanner"].append(site.scanner)
+                meta["sex"].append("F" if state["female"] else "M")
+                meta["age_group"].append("65+" if state["old"] else "18-64")
+                meta["patient_id"].append(f"{site_name}-p{p:04d}")
+    return images, {k: np.asarray(v) for k, v in meta.items()}
+
+
 def make_clinical_shift(
     seed: int = 0,
     size: int = 64,
@@ -174,64 +247,40 @@ def make_clinical_shift(
     Splits (train/val/test) are drawn per patient, so no patient crosses a split. Metadata:
     split, domain (site), scanner, sex, age_group and patient_id.
     """
-    sites = list(sites) if sites is not None else list(SITES)
-    unknown = [s for s in sites if s not in SITES]
-    if unknown:
-        raise DataError(f"clinical-shift: unknown site(s) {unknown}; known: {list(SITES)}")
-    if size < 32:
-        raise DataError(f"clinical-shift: size must be at least 32, got {size}")
-    if patients_per_site < 5:
-        raise DataError(f"clinical-shift: patients_per_site must be >= 5, got {patients_per_site}")
-    lo, hi = images_per_patient
-    if not 1 <= lo <= hi:
-        raise DataError(
-            f"clinical-shift: images_per_patient must be 1 <= lo <= hi, got {images_per_patient}"
-        )
-    if abs(sum(split_fractions) - 1.0) > 1e-6 or min(split_fractions) < 0:
-        raise DataError(
-            f"clinical-shift: split_fractions must be >= 0 and sum to 1, got {split_fractions}"
-        )
-
     x, y = _grid(size)
-    images, labels = [], []
-    meta: dict[str, list[str]] = {
-        k: [] for k in ("split", "domain", "scanner", "sex", "age_group", "patient_id")
-    }
-    # One independent stream per site: changing one site's size leaves the others unchanged.
-    streams = np.random.SeedSequence(seed).spawn(len(SITES))
-    for site_name in sites:
+
+    def patient(rng: np.random.Generator, site_name: str) -> dict[str, Any]:
         site = SITES[site_name]
-        rng = np.random.default_rng(streams[list(SITES).index(site_name)])
-        order = rng.permutation(patients_per_site)
-        n_tr = round(split_fractions[0] * patients_per_site)
-        n_va = round(split_fractions[1] * patients_per_site)
-        split_of = np.empty(patients_per_site, dtype=object)
-        split_of[order[:n_tr]] = "train"
-        split_of[order[n_tr : n_tr + n_va]] = "val"
-        split_of[order[n_tr + n_va :]] = "test"
-        for p in range(patients_per_site):
-            label = int(rng.choice(len(CLASS_NAMES), p=site.prevalence))
-            female = rng.random() < site.female_fraction
-            old = rng.random() < site.old_fraction
-            anat = _anatomy(rng, size, old)
-            for _ in range(int(rng.integers(lo, hi + 1))):
-                att, _lung = _draw(rng, size, anat, label, x, y)
-                images.append(_acquire(rng, att, site, x, y))
-                labels.append(label)
-                meta["split"].append(split_of[p])
-                meta["domain"].append(site_name)
-                meta["scanner"].append(site.scanner)
-                meta["sex"].append("F" if female else "M")
-                meta["age_group"].append("65+" if old else "18-64")
-                meta["patient_id"].append(f"{site_name}-p{p:04d}")
+        label = int(rng.choice(len(CLASS_NAMES), p=site.prevalence))
+        female = rng.random() < site.female_fraction
+        old = rng.random() < site.old_fraction
+        return {"label": label, "female": female, "old": old, "anat": _anatomy(rng, size, old)}
+
+    def image(rng: np.random.Generator, site_name: str, p: dict[str, Any]) -> tuple:
+        att, _lung = _draw(rng, size, p["anat"], p["label"], x, y)
+        return _acquire(rng, att, SITES[site_name], x, y), p["label"]
+
+    drawn, meta = simulate_sites(
+        "clinical-shift",
+        seed,
+        size,
+        patients_per_site,
+        images_per_patient,
+        sites,
+        split_fractions,
+        patient,
+        image,
+    )
     return ClinicalDataset(
         name="clinical-shift",
-        source=ArraySource(np.stack(images), origin=f"clinical-shift(seed={seed},size={size})"),
-        labels=np.asarray(labels),
+        source=ArraySource(
+            np.stack([d[0] for d in drawn]), origin=f"clinical-shift(seed={seed},size={size})"
+        ),
+        labels=np.asarray([d[1] for d in drawn]),
         class_names=list(CLASS_NAMES),
         task="multiclass",
         modality="xray",
-        metadata={k: np.asarray(v) for k, v in meta.items()},
+        metadata=meta,
     )
 
 

@@ -54,9 +54,7 @@ def ensure_splits(
         split_of[g] = "train" if rank < n_tr else ("val" if rank < n_tr + n_va else "test")
     meta = dict(ds.metadata)
     meta["split"] = np.asarray([split_of[g] for g in groups])
-    return ClinicalDataset(
-        ds.name, ds.source, ds.labels, ds.class_names, ds.task, ds.modality, meta, ds.index
-    )
+    return ds.replace(metadata=meta)
 
 
 def val_or_none(ds: ClinicalDataset, **where: Any) -> ClinicalDataset | None:

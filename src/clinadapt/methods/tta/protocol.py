@@ -90,17 +90,7 @@ def concat_streams(streams: list[ClinicalDataset], name: str) -> ClinicalDataset
         raise IncompatibleError(
             "the continual protocol needs test sets drawn from one dataset (one image source)"
         )
-    keys = set.intersection(*(set(s.metadata) for s in streams))
-    return ClinicalDataset(
-        name=name,
-        source=first.source,
-        labels=np.concatenate([s.labels for s in streams]),
-        class_names=list(first.class_names),
-        task=first.task,
-        modality=first.modality,
-        metadata={k: np.concatenate([s.metadata[k] for s in streams]) for k in sorted(keys)},
-        index=np.concatenate([s.index for s in streams]),
-    )
+    return first.concat(streams, name)
 
 
 def run_tta(

@@ -143,14 +143,11 @@ class CorruptedSource(ImageSource):
 
 
 def corrupted(ds: ClinicalDataset, name: str, severity: int, seed: int = 0) -> ClinicalDataset:
-    """A view of ``ds`` whose images carry corruption ``name`` at ``severity``."""
-    return ClinicalDataset(
-        name=f"{ds.name}@{name}-{severity}",
-        source=CorruptedSource(ds.source, name, severity, seed),
-        labels=ds.labels,
-        class_names=list(ds.class_names),
-        task=ds.task,
-        modality=ds.modality,
-        metadata=dict(ds.metadata),
-        index=ds.index,
+    """A view of ``ds`` whose images carry corruption ``name`` at ``severity``.
+
+    Every registered corruption is photometric (intensity, noise, blur, k-space ghosts, overlays):
+    none moves anatomy, so a segmentation set keeps its reference masks unchanged and aligned.
+    """
+    return ds.replace(
+        name=f"{ds.name}@{name}-{severity}", source=CorruptedSource(ds.source, name, severity, seed)
     )
