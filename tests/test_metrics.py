@@ -6,7 +6,7 @@ from sklearn import metrics as skm
 
 from clinadapt.errors import ConfigError, DataError
 from clinadapt.evaluation.bootstrap import bootstrap_ci, group_members, resample_indices
-from clinadapt.evaluation.evaluate import evaluate, headline
+from clinadapt.evaluation.evaluate import evaluate, headline, metrics_at_operating_point
 from clinadapt.evaluation.metrics import (
     accuracy,
     auroc,
@@ -250,7 +250,12 @@ def test_evaluate_binary_with_subgroups_ci_selective_and_validation_threshold():
     vy = rng.integers(0, 2, 100)
     vs = np.clip(0.3 + 0.4 * vy + rng.normal(0, 0.2, 100), 0, 1)
     out = evaluate(y, p, "binary", meta, n_boot=50, val=(vy, np.stack([1 - vs, vs], 1)))
-    assert out["metrics"] == compute_metrics(y, p, "binary")
+    op = out["operating_point"]
+    assert out["metrics"] == {
+        **compute_metrics(y, p, "binary"),
+        "sensitivity": op["sensitivity"],
+        "specificity": op["specificity"],
+    }
     assert out["ci"]["unit"] == "patient"
     assert out["ci"]["auroc"]["low"] <= out["metrics"]["auroc"] <= out["ci"]["auroc"]["high"]
     t = threshold_for_sensitivity(vy, vs, 0.9)
@@ -264,6 +269,34 @@ def test_evaluate_binary_with_subgroups_ci_selective_and_validation_threshold():
     fixed = evaluate(y, p, "binary", n_boot=0, threshold=0.4)
     assert "ci" not in fixed and fixed["operating_point"]["chosen_on"] == "given"
     assert fixed["operating_point"]["specificity"] == pytest.approx(np.mean(s[y == 0] < 0.4))
+
+
+def test_headline_sensitivity_is_at_the_validation_operating_point():
+    """Not at 0.5: the threshold that reaches the target sensitivity on validation."""
+    rng = np.random.default_rng(7)
+    y = rng.integers(0, 2, 300)
+    s = np.clip(0.2 + 0.3 * y + rng.normal(0, 0.15, 300), 0, 1)  # positives mostly below 0.5
+    vy = rng.integers(0, 2, 150)
+    vs = np.clip(0.2 + 0.3 * vy + rng.normal(0, 0.15, 150), 0, 1)
+    p, vp = np.stack([1 - s, s], 1), np.stack([1 - vs, vs], 1)
+    out = evaluate(y, p, "binary", n_boot=0, val=(vy, vp), target_sensitivity=0.8)
+    t = out["operating_point"]["threshold"]
+    assert t < 0.45  # far from 0.5, so the two definitions differ
+    m = out["metrics"]
+    assert m["sensitivity"] == pytest.approx(skm.recall_score(y, s >= t))
+    assert m["specificity"] == pytest.approx(skm.recall_score(1 - y, s < t))
+    assert m["sensitivity"] >= 0.7 and m["sensitivity"] != pytest.approx(m["sensitivity_at_0.5"])
+    assert m["sensitivity_at_0.5"] == pytest.approx(skm.recall_score(y, s >= 0.5))
+    assert m["specificity_at_0.5"] == pytest.approx(skm.recall_score(1 - y, s < 0.5))
+    assert metrics_at_operating_point(y, p, "binary", val=(vy, vp), target_sensitivity=0.8) == m
+    # without validation data or a given threshold the operating point is 0.5, and says so
+    plain = evaluate(y, p, "binary", n_boot=0)
+    assert plain["operating_point"]["chosen_on"] == "default"
+    assert plain["metrics"]["sensitivity"] == plain["metrics"]["sensitivity_at_0.5"]
+    four = np.eye(4)[rng.integers(0, 4, 50)] * 0.6 + 0.1
+    assert not {"sensitivity", "sensitivity_at_0.5"} & set(
+        evaluate(four.argmax(1), four, "multiclass", n_boot=0)["metrics"]
+    )
 
 
 def test_evaluate_multilabel_and_errors():

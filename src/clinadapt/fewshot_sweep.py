@@ -20,7 +20,7 @@ from clinadapt.config import RunConfig
 from clinadapt.data import load_dataset
 from clinadapt.data.base import ClinicalDataset
 from clinadapt.errors import ConfigError
-from clinadapt.evaluation.metrics import compute_metrics
+from clinadapt.evaluation.evaluate import metrics_at_operating_point
 from clinadapt.features import FeatureCache, resolve_cache_dir, rows_in
 from clinadapt.methods import METHODS, Context
 from clinadapt.methods.base import logits_to_proba
@@ -212,7 +212,9 @@ def _run_one(cfg: RunConfig, emb: _Embedded) -> dict[str, Any]:
         logits = head_logits(head, emb.of(test), cfg.device)
         probs[name] = logits_to_proba(logits, ds.task).numpy().astype(np.float64)
         labels[name] = test.labels
-    metrics = {name: compute_metrics(labels[name], probs[name], ds.task) for name in probs}
+    metrics = {
+        name: metrics_at_operating_point(labels[name], probs[name], ds.task) for name in probs
+    }
     evaluate_s = time.perf_counter() - t
     run_id = cfg.run_id()
     record = {

@@ -65,7 +65,9 @@ def evaluate(
     gap), ``ci`` (percentile bootstrap, by patient when ``metadata`` has ``patient_id``;
     ``n_boot=0`` skips it), ``selective`` (AURC and the coverage at ``target_error``) and,
     for binary tasks, ``operating_point``: at ``threshold``, or else at the threshold that
-    reaches ``target_sensitivity`` on ``val`` = (labels, probs), or else at 0.5.
+    reaches ``target_sensitivity`` on ``val`` = (labels, probs), or else at 0.5. The headline
+    ``metrics.sensitivity``/``specificity`` are those of the operating point; the values at 0.5
+    are ``sensitivity_at_0.5``/``specificity_at_0.5``.
     """
     labels, probs = check_predictions(labels, probs, task)
     metadata = dict(metadata or {})
@@ -88,17 +90,51 @@ def evaluate(
             "target_error": target_error,
             "coverage_at_target": coverage_at_risk(labels, probs, target_error),
         }
-    if task == "binary" or (task != "multilabel" and probs.shape[1] == 2):
-        chosen_on = "given"
-        if threshold is None and val is not None:
-            threshold = threshold_for_sensitivity(
-                np.asarray(val[0]) == 1, np.asarray(val[1])[:, 1], target_sensitivity
-            )
-            chosen_on = f"validation (sensitivity >= {target_sensitivity})"
-        elif threshold is None:
-            threshold, chosen_on = 0.5, "default"
-        out["operating_point"] = {
-            "chosen_on": chosen_on,
-            **operating_point(labels == 1, probs[:, 1], threshold),
-        }
+    op = binary_operating_point(labels, probs, task, threshold, target_sensitivity, val)
+    if op is not None:
+        out["metrics"].update(sensitivity=op["sensitivity"], specificity=op["specificity"])
+        out["operating_point"] = op
     return out
+
+
+def binary_operating_point(
+    labels: np.ndarray,
+    probs: np.ndarray,
+    task: str,
+    threshold: float | None = None,
+    target_sensitivity: float = 0.9,
+    val: tuple[np.ndarray, np.ndarray] | None = None,
+) -> dict[str, Any] | None:
+    """Sensitivity, specificity, PPV and NPV at the operating point (None unless binary).
+
+    The threshold is ``threshold`` when given, else the one that reaches
+    ``target_sensitivity`` on ``val`` = (labels, probs), else 0.5; ``chosen_on`` says which.
+    """
+    if not (task == "binary" or (task != "multilabel" and probs.shape[1] == 2)):
+        return None
+    chosen_on = "given"
+    if threshold is None and val is not None:
+        threshold = threshold_for_sensitivity(
+            np.asarray(val[0]) == 1, np.asarray(val[1])[:, 1], target_sensitivity
+        )
+        chosen_on = f"validation (sensitivity >= {target_sensitivity})"
+    elif threshold is None:
+        threshold, chosen_on = 0.5, "default"
+    return {"chosen_on": chosen_on, **operating_point(labels == 1, probs[:, 1], threshold)}
+
+
+def metrics_at_operating_point(
+    labels: np.ndarray,
+    probs: np.ndarray,
+    task: str,
+    *,
+    threshold: float | None = None,
+    target_sensitivity: float = 0.9,
+    val: tuple[np.ndarray, np.ndarray] | None = None,
+) -> dict[str, float]:
+    """The headline metrics of ``evaluate`` alone (no subgroups, CIs or selective prediction)."""
+    metrics = compute_metrics(labels, probs, task)
+    op = binary_operating_point(labels, probs, task, threshold, target_sensitivity, val)
+    if op is not None:
+        metrics.update(sensitivity=op["sensitivity"], specificity=op["specificity"])
+    return metrics

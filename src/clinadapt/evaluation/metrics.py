@@ -14,6 +14,10 @@ import numpy as np
 
 from clinadapt.errors import DataError
 
+# Sensitivity and specificity at the fixed threshold 0.5, named so: the headline ``sensitivity``
+# and ``specificity`` are at the operating point chosen on validation (see ``evaluate``).
+AT_HALF = {"sensitivity": "sensitivity_at_0.5", "specificity": "specificity_at_0.5"}
+
 
 def _check(labels: np.ndarray, probs: np.ndarray, task: str) -> tuple[np.ndarray, np.ndarray]:
     labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
@@ -214,6 +218,7 @@ def compute_metrics(
     out["ece"] = expected_calibration_error(labels, probs)
     out["nll"] = nll(labels, probs, task)
     out["brier"] = brier(labels, probs, task)
-    if probs.shape[1] == 2:
-        out["sensitivity"], out["specificity"] = sensitivity_specificity(labels == 1, probs[:, 1])
+    if probs.shape[1] == 2:  # the headline values are at the operating point (evaluate)
+        sens, spec = sensitivity_specificity(labels == 1, probs[:, 1], 0.5)
+        out[AT_HALF["sensitivity"]], out[AT_HALF["specificity"]] = sens, spec
     return out
