@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import nibabel as nib
@@ -17,6 +16,7 @@ from clinadapt.data.dicom import CT_WINDOWS, read_dicom
 from clinadapt.data.folder import load_image_folder, load_manifest, read_image_file
 from clinadapt.data.nifti import load_nifti_volume, read_nifti_slices
 from clinadapt.errors import DataError
+from filewriters import write_csv, write_dicom
 
 RNG = np.random.default_rng(0)
 
@@ -29,31 +29,6 @@ def png(path: Path, arr: np.ndarray | None = None, mode: str | None = None) -> n
     return arr
 
 
-def write_dicom(
-    path: Path,
-    arr: np.ndarray,
-    photometric: str = "MONOCHROME2",
-    modality: str = "CT",
-    bits: int | None = None,
-    **tags,
-) -> Path:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = CTImageStorage
-    ds.Modality = modality
-    ds.PatientID = "p1"
-    ds.set_pixel_data(arr, photometric, bits or 8 * arr.dtype.itemsize)
-    for key, value in tags.items():
-        setattr(ds, key, value)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
-
 def window_by_hand(values, center, width):
     lo = center - width / 2
     return np.rint(np.clip((values - lo) / width, 0, 1) * 255).astype(np.uint8)
@@ -62,15 +37,6 @@ def window_by_hand(values, center, width):
 def minmax_by_hand(values):
     values = values.astype(np.float64)
     return np.rint((values - values.min()) / (values.max() - values.min()) * 255).astype(np.uint8)
-
-
-def write_csv(path: Path, rows: list[dict], fields: list[str] | None = None) -> Path:
-    fields = fields or list(rows[0])
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
-    return path
 
 
 # --- single image files ------------------------------------------------------------------------

@@ -30,6 +30,8 @@ def load_dataset(name_or_path: str | Path, **kwargs: Any) -> ClinicalDataset:
 
     Paths: a directory of class folders (or with a ``manifest.csv``), a ``.csv`` manifest, a
     MedMNIST ``.npz`` file, or a NIfTI volume (``.nii``/``.nii.gz``) read as 2D slices.
+    Segmentation: a directory with ``images/`` and ``masks/`` (optionally under split folders),
+    a manifest with a ``mask`` column, or a NIfTI volume with ``labels=`` its label volume.
     """
     _register_builtin()
     key = str(name_or_path)
@@ -41,23 +43,36 @@ def load_dataset(name_or_path: str | Path, **kwargs: Any) -> ClinicalDataset:
             f"{key!r} is neither a registered dataset ({', '.join(DATASETS.names())}) "
             "nor an existing path"
         )
-    from clinadapt.data import folder, medmnist, nifti
+    from clinadapt.data import folder, medmnist, nifti, seg_readers
 
     name = path.name.lower()
     if path.is_dir():
         if (path / "manifest.csv").exists():
-            return folder.load_manifest(path / "manifest.csv", **kwargs)
+            return _manifest(path / "manifest.csv", kwargs)
+        if seg_readers.is_mask_folder(path):
+            return seg_readers.load_mask_folder(path, **kwargs)
         return folder.load_image_folder(path, **kwargs)
     if name.endswith(".csv"):
-        return folder.load_manifest(path, **kwargs)
+        return _manifest(path, kwargs)
     if name.endswith(".npz"):
         return medmnist.load_medmnist_npz(path, **kwargs)
     if name.endswith((".nii", ".nii.gz")):
+        if "labels" in kwargs:
+            return seg_readers.load_nifti_segmentation(path, **kwargs)
         return nifti.load_nifti_volume(path, **kwargs)
     raise DataError(
         f"{key}: cannot tell how to read this file; give a directory, a .csv manifest, a "
         "MedMNIST .npz or a NIfTI volume"
     )
+
+
+def _manifest(path: Path, kwargs: dict[str, Any]) -> ClinicalDataset:
+    """A CSV manifest: segmentation when it has a mask column, else classification."""
+    from clinadapt.data import folder, seg_readers
+
+    if seg_readers.has_mask_column(path, kwargs.get("mask_col", "mask")):
+        return seg_readers.load_seg_manifest(path, **kwargs)
+    return folder.load_manifest(path, **kwargs)
 
 
 def list_datasets() -> list[str]:

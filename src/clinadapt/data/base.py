@@ -105,16 +105,20 @@ class FileSource(ImageSource):
         return self.paths[i]
 
     def fingerprint(self) -> str:
-        import os
+        return hash_files(hashlib.sha256(), self.paths).hexdigest()
 
-        h = hashlib.sha256()
-        for p in self.paths:
-            try:
-                st = os.stat(p)
-                h.update(f"{p}|{st.st_size}|{int(st.st_mtime)}\n".encode())
-            except OSError:
-                h.update(f"{p}|missing\n".encode())
-        return h.hexdigest()
+
+def hash_files(h: Any, paths: Sequence[str]) -> Any:
+    """Feed each file's path, size and modification time into the hash ``h``; return it."""
+    import os
+
+    for p in paths:
+        try:
+            st = os.stat(p)
+            h.update(f"{p}|{st.st_size}|{int(st.st_mtime)}\n".encode())
+        except OSError:
+            h.update(f"{p}|missing\n".encode())
+    return h
 
 
 def check_image(img: np.ndarray, where: str) -> np.ndarray:

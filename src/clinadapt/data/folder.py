@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import hashlib
 from collections.abc import Sequence
 from functools import partial
@@ -12,6 +11,7 @@ import numpy as np
 
 from clinadapt.data.base import ClinicalDataset, FileSource, Task, check_image
 from clinadapt.data.dicom import Window, read_dicom, scale_to_uint8
+from clinadapt.data.manifest import SPLIT_ALIASES, ManifestTable, as_index
 from clinadapt.data.nifti import read_nifti_slices
 from clinadapt.errors import DataError
 
@@ -20,25 +20,6 @@ DICOM_EXTENSIONS = (".dcm", ".dicom")
 NIFTI_EXTENSIONS = (".nii", ".nii.gz")
 NUMPY_EXTENSIONS = (".npy",)
 IMAGE_EXTENSIONS = PIL_EXTENSIONS + DICOM_EXTENSIONS + NIFTI_EXTENSIONS + NUMPY_EXTENSIONS
-
-SPLIT_ALIASES = {
-    "train": "train",
-    "training": "train",
-    "val": "val",
-    "valid": "val",
-    "validation": "val",
-    "test": "test",
-    "testing": "test",
-}
-# Canonical metadata key -> header names (lowercase, "_" for spaces and dashes) that mean it.
-META_ALIASES: dict[str, tuple[str, ...]] = {
-    "split": ("split", "partition"),
-    "domain": ("domain", "site", "center", "centre", "hospital", "institution"),
-    "scanner": ("scanner", "manufacturer", "device"),
-    "sex": ("sex", "gender"),
-    "age_group": ("age_group", "agegroup", "age_bin"),
-    "patient_id": ("patient_id", "patientid", "patient", "subject_id", "subject"),
-}
 
 
 def _kind(path: Path) -> str | None:
@@ -294,35 +275,6 @@ def load_image_folder(
     )
 
 
-def _as_index(text: str) -> int | None:
-    try:
-        return int(text)
-    except ValueError:
-        return None
-
-
-def _header_key(column: str) -> str:
-    return column.strip().lower().replace(" ", "_").replace("-", "_")
-
-
-def _metadata_columns(fields: list[str], skip: set[str]) -> dict[str, str]:
-    """Map each metadata key to its CSV column: canonical keys by alias, others as named."""
-    out: dict[str, str] = {}
-    rest = [c for c in fields if c not in skip]
-    for key, aliases in META_ALIASES.items():
-        for alias in aliases:  # the first alias present wins (the canonical name comes first)
-            col = next((c for c in rest if _header_key(c) == alias), None)
-            if col is not None:
-                out[key] = col
-                rest.remove(col)
-                break
-    for col in rest:
-        key = col.strip()
-        if key and key not in out:
-            out[key] = col
-    return out
-
-
 def load_manifest(
     csv_path: str | Path,
     path_col: str = "path",
@@ -346,78 +298,18 @@ def load_manifest(
     every other column is kept under its own name. A ``slice`` column picks NIfTI slices or
     DICOM frames. Files must exist now; they are decoded (and checked) when read.
     """
-    csv_path = Path(csv_path).expanduser()
-    where = str(csv_path)
-    if not csv_path.is_file():
-        raise DataError(f"{where}: no such manifest file")
-    try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            fields = [c for c in (reader.fieldnames or [])]
-            rows, lines = [], []
-            for row in reader:
-                rows.append(row)
-                lines.append(reader.line_num)
-    except (UnicodeDecodeError, csv.Error) as e:
-        raise DataError(f"{where}: not a readable CSV ({type(e).__name__}: {e})") from e
-    if not fields or not any(c.strip() for c in fields):
-        raise DataError(f"{where}: the CSV is empty (no header row)")
-    if not rows:
-        raise DataError(f"{where}: the CSV has a header ({', '.join(fields)}) but no rows")
     required = [c for c in (path_col, label_col) if c is not None]
-    missing = [c for c in required if c not in fields]
-    if missing:
-        raise DataError(
-            f"{where}: missing column(s) {missing}; the columns are {fields} "
-            "(choose others with path_col=/label_col=)"
-        )
-
-    def at(i: int) -> str:
-        return f"{where}: row {i + 1} (line {lines[i]})"
-
-    for i, row in enumerate(rows):
-        if None in row:
-            raise DataError(f"{at(i)} has more cells than the header's {len(fields)} columns")
+    table = ManifestTable.read(csv_path, required, "choose others with path_col=/label_col=")
+    csv_path, where, rows, at = table.path, str(table.path), table.rows, table.at
 
     def cell(row: dict, col: str) -> str:
         return (row.get(col) or "").strip()
 
     # paths: resolved eagerly, existence and duplicates checked now
     base = Path(root).expanduser() if root is not None else csv_path.parent
-    has_slice = "slice" in fields and any(cell(r, "slice") for r in rows)
-    paths: list[str] = []
-    slices: list[int | None] = []
-    for i, row in enumerate(rows):
-        text = cell(row, path_col)
-        if not text:
-            raise DataError(f"{at(i)} has an empty {path_col!r}")
-        p = Path(text).expanduser()
-        paths.append(str(p if p.is_absolute() else base / p))
-        k: int | None = None
-        if has_slice and cell(row, "slice"):
-            k = _as_index(cell(row, "slice"))
-            if k is None or k < 0:
-                raise DataError(
-                    f"{at(i)}: slice {cell(row, 'slice')!r} is not a non-negative integer"
-                )
-        slices.append(k)
-    absent = [p for p in dict.fromkeys(paths) if not Path(p).is_file()]
-    if absent:
-        more = f" and {len(absent) - 5} more" if len(absent) > 5 else ""
-        raise DataError(
-            f"{where}: {len(absent)} image path(s) do not exist (relative paths are read from "
-            f"{base}): {', '.join(absent[:5])}{more}"
-        )
-    seen: dict[tuple[str, int | None], list[int]] = {}
-    for i, key in enumerate(zip(paths, slices, strict=True)):
-        seen.setdefault(key, []).append(i + 1)
-    dups = [(k, r) for k, r in seen.items() if len(r) > 1]
-    if dups:
-        desc = "; ".join(
-            f"{p}{'' if s is None else f' slice {s}'} (rows {', '.join(map(str, r))})"
-            for (p, s), r in dups[:5]
-        )
-        raise DataError(f"{where}: {len(dups)} duplicate image path(s): {desc}")
+    has_slice = table.has("slice")
+    slices = table.slices() if has_slice else [None] * len(table)
+    paths = table.paths(path_col, base, slices)
 
     # labels
     names = [str(c) for c in class_names] if class_names is not None else None
@@ -442,7 +334,7 @@ def load_manifest(
             values = {t for c in cells for t in c}
             if not values:
                 raise DataError(f"{where}: column {label_col!r} holds no labels")
-            ints = {t: _as_index(t) for t in values}
+            ints = {t: as_index(t) for t in values}
             words = sorted(t for t, v in ints.items() if v is None)
             if not words:
                 if min(ints.values()) < 0:  # type: ignore[type-var]
@@ -462,7 +354,7 @@ def load_manifest(
         def index(i: int, text: str) -> int:
             if text in lookup:
                 return lookup[text]
-            j = _as_index(text)
+            j = as_index(text)
             if j is not None and 0 <= j < len(names):
                 return j
             raise DataError(
@@ -485,20 +377,7 @@ def load_manifest(
         raise DataError(f"{where}: a multilabel task needs multilabel_sep (the label separator)")
 
     # metadata
-    skip = {path_col} | ({label_col} if label_col else set())
-    metadata: dict[str, np.ndarray] = {}
-    for key, col in _metadata_columns(fields, skip).items():
-        values = [cell(r, col) for r in rows]
-        if key == "split":
-            for i, v in enumerate(values):
-                if v.lower() not in SPLIT_ALIASES:
-                    raise DataError(
-                        f"{at(i)}: split {v!r} in column {col!r} is not one of train, val, test"
-                    )
-            values = [SPLIT_ALIASES[v.lower()] for v in values]
-        elif key in ("domain", "scanner", "sex", "age_group"):
-            values = [v or "unknown" for v in values]
-        metadata[key] = np.array(values, dtype=str)
+    metadata = table.metadata({path_col} | ({label_col} if label_col else set()))
 
     ds_name = name or (csv_path.parent.name if csv_path.stem == "manifest" else csv_path.stem)
     source = (

@@ -50,10 +50,10 @@ def _cached_volume(path: str | Path, volume: int) -> tuple[np.ndarray, dict]:
     key = (str(p.resolve()), st.st_mtime_ns, st.st_size, volume)
     hit = _LAST.get(key)
     if hit is None:
-        data = _read_volume(path, volume)
+        data, zooms = _read_volume(path, volume)
         data.flags.writeable = False
         _LAST.clear()
-        hit = _LAST[key] = (data, {})
+        hit = _LAST[key] = (data, {"zooms": zooms})
     return hit
 
 
@@ -62,7 +62,18 @@ def load_nifti_array(path: str | Path, volume: int = 0) -> np.ndarray:
     return _cached_volume(path, volume)[0]
 
 
-def _read_volume(path: str | Path, volume: int) -> np.ndarray:
+def nifti_plane_spacing(path: str | Path, axis: int = 2, volume: int = 0) -> tuple[float, float]:
+    """Millimetres per pixel (row, col) of the slices :func:`read_nifti_slices` returns.
+
+    A slice is ``np.rot90`` of the canonical plane, so its rows run along the second remaining
+    axis and its columns along the first.
+    """
+    zooms = _cached_volume(path, volume)[1]["zooms"]
+    a, b = (k for k in (0, 1, 2) if k != axis)
+    return float(zooms[b]), float(zooms[a])
+
+
+def _read_volume(path: str | Path, volume: int) -> tuple[np.ndarray, tuple[float, ...]]:
     import nibabel as nib
 
     where = str(path)
@@ -93,7 +104,9 @@ def _read_volume(path: str | Path, volume: int) -> np.ndarray:
         data = data[..., None]
     if data.size == 0:
         raise DataError(f"{where}: the NIfTI volume is empty ({data.shape})")
-    return data
+    zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
+    zooms = zooms + (1.0,) * (3 - len(zooms))
+    return data, tuple(z if z > 0 else 1.0 for z in zooms)
 
 
 def _intensity_range(
@@ -144,15 +157,22 @@ def _slice_positions(slices: Slices, n: int, axis: int, where: str) -> list[int]
     return [int(k) for k in picks]
 
 
-def _read(
-    path: str | Path, axis: int, slices: Slices, window: IntensityWindow, volume: int
-) -> tuple[list[int], list[np.ndarray]]:
-    where = str(path)
+def _planes(
+    path: str | Path, axis: int, slices: Slices, volume: int
+) -> tuple[list[int], np.ndarray, dict]:
+    """The slice positions asked for, the volume and its statistics."""
     if axis not in (0, 1, 2):
-        raise DataError(f"{where}: axis must be 0, 1 or 2, got {axis!r}")
+        raise DataError(f"{path}: axis must be 0, 1 or 2, got {axis!r}")
     data, stats = _cached_volume(path, volume)
-    positions = _slice_positions(slices, data.shape[axis], axis, where)
-    lo, hi = _intensity_range(data, window, where, stats)
+    return _slice_positions(slices, data.shape[axis], axis, str(path)), data, stats
+
+
+def read_nifti_planes(
+    path: str | Path, axis: int, slices: Slices, window: IntensityWindow, volume: int = 0
+) -> tuple[list[int], list[np.ndarray]]:
+    """Slice positions and uint8 slices, as :func:`read_nifti_slices` reads them."""
+    positions, data, stats = _planes(path, axis, slices, volume)
+    lo, hi = _intensity_range(data, window, str(path), stats)
     out = []
     for k in positions:
         plane = scale_to_uint8(np.take(data, k, axis=axis), lo, hi)
@@ -176,7 +196,15 @@ def read_nifti_slices(
     0..255 by one range for the whole volume: ``"percentile"`` (0.5-99.5th percentiles, the
     default), ``(low, high)``, ``"minmax"``/``None`` (full range), or a CT preset name.
     """
-    return _read(path, axis, slices, window, volume)[1]
+    return read_nifti_planes(path, axis, slices, window, volume)[1]
+
+
+def read_nifti_labels(
+    path: str | Path, axis: int = 2, slices: Slices = "all", *, volume: int = 0
+) -> tuple[list[int], list[np.ndarray]]:
+    """Slice positions and the raw (unscaled) values of each slice, oriented as the images."""
+    positions, data, _ = _planes(path, axis, slices, volume)
+    return positions, [np.ascontiguousarray(np.rot90(np.take(data, k, axis))) for k in positions]
 
 
 def _label_index(value: int | str, names: list[str], where: str, row: int) -> int:
@@ -210,7 +238,7 @@ def load_nifti_volume(
     is binary for two classes (positive = ``class_names[1]``) unless given.
     """
     where = str(path)
-    positions, imgs = _read(path, axis, slices, window, volume)
+    positions, imgs = read_nifti_planes(path, axis, slices, window, volume)
     n = len(imgs)
     names = [str(c) for c in class_names] if class_names is not None else None
     if label is None:

@@ -114,46 +114,61 @@ def describe_lookup(lut: Mapping[int, int], class_names: Sequence[str]) -> str:
     return "{" + ", ".join(f"{v}: {names[c]}" for v, c in sorted(lut.items())) + "}"
 
 
-def to_label_map(
-    raw: np.ndarray, lut: Mapping[int, int], class_names: Sequence[str], where: str
-) -> np.ndarray:
-    """Map a decoded mask's values onto class indices; bad values are a DataError naming ``where``.
-
-    Checked: integer values; a binary task (one class) gets a mask of at most two values in one
-    of the binary encodings; every value is in the label map.
-    """
+def integer_mask(raw: np.ndarray, where: str) -> np.ndarray:
+    """A decoded mask as integers; booleans become 0/1, integral floats are accepted."""
     raw = np.asarray(raw)
     if raw.dtype == np.bool_:
-        raw = raw.astype(np.uint8)
-    if not np.issubdtype(raw.dtype, np.integer):
-        finite = np.isfinite(raw)
-        if not finite.all() or not np.array_equal(raw, np.round(raw)):
-            sample = raw[~finite | (raw != np.round(raw))][0]
-            raise DataError(
-                f"{where}: the mask holds non-integer values (e.g. {sample}); a label map needs "
-                "integer labels (threshold soft masks first)"
-            )
-        raw = raw.astype(np.int64)
-    values = np.unique(raw)
+        return raw.astype(np.uint8)
+    if np.issubdtype(raw.dtype, np.integer):
+        return raw
+    if not np.issubdtype(raw.dtype, np.floating):
+        raise DataError(f"{where}: a mask must hold integer labels, got {raw.dtype}")
+    finite = np.isfinite(raw)
+    if not finite.all() or not np.array_equal(raw, np.round(raw)):
+        sample = raw[~finite | (raw != np.round(raw))][0]
+        raise DataError(
+            f"{where}: the mask holds non-integer values (e.g. {sample}); a label map needs "
+            "integer labels (threshold soft masks first)"
+        )
+    return raw.astype(np.int64)
+
+
+def check_mask_values(
+    values: Sequence[int], lut: Mapping[int, int], class_names: Sequence[str], where: str
+) -> None:
+    """Check a mask's distinct values: every value must be in the label map, and a binary task
+    (one class) gets one foreground value only (0/1 or 0/255, not both). Errors name ``where``."""
+    values = sorted(int(v) for v in values)
     hint = (
         " (JPEG is lossy: save masks as PNG)" if where.lower().endswith((".jpg", ".jpeg")) else ""
     )
     if len(class_names) == 1:
-        fg = sorted(v for v, c in lut.items() if c == 1)
-        allowed = [set(p) for p in BINARY_VALUES] if fg == [1, 255] else [{0, *fg}]
-        if len(values) > 2 or not any(set(values.tolist()) <= a for a in allowed):
-            shown = values[:8].tolist() + (["..."] if len(values) > 8 else [])
-            expect = " or ".join(" and ".join(map(str, sorted(a))) for a in allowed)
+        fg_used = [v for v in values if lut.get(v) == 1]
+        if len(fg_used) > 1 or any(v not in lut for v in values):
+            shown = values[:8] + (["..."] if len(values) > 8 else [])
+            fg = sorted(v for v, c in lut.items() if c == 1)
+            bg = sorted(v for v, c in lut.items() if c == 0)
+            expect = " or ".join(f"{'/'.join(map(str, bg))} and {v}" for v in fg)
             raise DataError(
                 f"{where}: not a binary mask: it holds the values {shown}, but the task has one "
                 f"class ({class_names[0]!r}) and expects {expect}{hint}"
             )
-    unknown = [int(v) for v in values if int(v) not in lut]
+    unknown = [v for v in values if v not in lut]
     if unknown:
         raise DataError(
             f"{where}: mask value(s) {unknown[:8]} are outside the label map "
             f"{describe_lookup(lut, class_names)}{hint}"
         )
+
+
+def to_label_map(
+    raw: np.ndarray, lut: Mapping[int, int], class_names: Sequence[str], where: str
+) -> np.ndarray:
+    """Map a decoded mask's values onto class indices (uint8); bad values are a DataError
+    naming ``where`` (see :func:`integer_mask` and :func:`check_mask_values`)."""
+    raw = integer_mask(raw, where)
+    values = np.unique(raw)
+    check_mask_values(values.tolist(), lut, class_names, where)
     lo, hi = int(values.min()), int(values.max())
     if lo >= 0 and hi < 65536:
         table = np.zeros(hi + 1, dtype=np.uint8)
@@ -283,7 +298,9 @@ __all__ = [
     "ArrayMasks",
     "MaskSource",
     "SegmentationDataset",
+    "check_mask_values",
     "class_areas",
+    "integer_mask",
     "label_lookup",
     "to_label_map",
 ]
