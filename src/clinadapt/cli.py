@@ -12,8 +12,9 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-from clinadapt.errors import ClinadaptError
+from clinadapt.errors import ClinadaptError, clip_message
 
 app = typer.Typer(
     add_completion=False,
@@ -21,10 +22,17 @@ app = typer.Typer(
     help="Adapt foundation models to medical images and measure how they hold up under clinical shift.",
 )
 # Off a terminal rich assumes 80 columns, which wraps the results tables; logs and pipes get 120.
+# markup=False: names, paths and messages are printed as they are (a "[x]" in a path is text)
 console = Console(
-    stderr=False, width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 120
+    stderr=False,
+    width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 120,
+    markup=False,
 )
-err = Console(stderr=True)
+
+
+def _bold(text: object) -> Text:
+    return Text(str(text), style="bold")
+
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars or status lines")]
 AsJson = Annotated[bool, typer.Option("--json", help="print machine-readable JSON on stdout")]
@@ -166,7 +174,7 @@ def run(
     console.print(
         f"trainable parameters: {record['target']['trainable']:,} of {record['target']['total']:,}"
     )
-    console.print(f"result record: [bold]{path}[/bold]")
+    console.print("result record:", _bold(path))
 
 
 @app.command()
@@ -253,8 +261,12 @@ def fewshot(
         table.add_row(*r)
     console.print(table)
     console.print(
-        f"{len(result.records)} result records in [bold]{out}[/bold] "
-        f"({result.skipped} reused); images embedded: {result.cache.get('embedded_images', 0)}"
+        Text.assemble(
+            f"{len(result.records)} result records in ",
+            _bold(out),
+            f" ({result.skipped} reused); images embedded: "
+            f"{result.cache.get('embedded_images', 0)}",
+        )
     )
 
 
@@ -294,18 +306,24 @@ def sweep(
         from clinadapt.evaluation.report import write_report
 
         summary["report"] = str(write_report(spec.out_dir))
+    if result.failed:
+        message = (
+            f"{len(result.failed)} of {result.total} runs failed (see failed/ in {spec.out_dir})"
+        )
+        summary["error"] = {"type": "RunFailed", "message": message}
     if as_json:
         print(json.dumps(summary, indent=2))
     else:
         console.print(
             f"sweep: {result.total} runs, {len(result.ran)} ran, {len(result.skipped)} already "
-            f"done, {len(result.failed)} failed; records in [bold]{spec.out_dir}[/bold]"
+            f"done, {len(result.failed)} failed; records in",
+            _bold(spec.out_dir),
         )
         if "report" in summary:
-            console.print(f"report: [bold]{summary['report']}[/bold]")
+            console.print("report:", _bold(summary["report"]))
     if result.failed:
         for run_id, error in result.failed.items():
-            err.print(f"[bold red]failed:[/bold red] {run_id}: {error}")
+            _print_error("RunFailed", f"{run_id} failed: {error}", False)
         raise typer.Exit(1)
 
 
@@ -322,7 +340,7 @@ def report(
     if as_json:
         print(json.dumps({"report": str(path)}))
     else:
-        console.print(f"report: [bold]{path}[/bold]")
+        console.print("report:", _bold(path))
 
 
 @app.command()
@@ -392,7 +410,7 @@ def demo(
         "finetune/source: the site-a model as it is; bn: test-batch normalisation statistics; "
         "tent: entropy minimisation of the norm layers on the unlabelled stream."
     )
-    console.print(f"done in {elapsed:.0f} s. report: [bold]{path}[/bold]")
+    console.print(f"done in {elapsed:.0f} s. report:", _bold(path))
 
 
 @app.command()
@@ -474,16 +492,51 @@ def pretrain(
         f"{summary['steps']} steps, loss {summary['loss_first']:.4f} -> {summary['loss_last']:.4f}"
     )
     console.print(
-        f"weights: [bold]{summary['weights']}[/bold]  (load_model({model!r}, weights=...))"
+        Text.assemble(
+            "weights: ", _bold(summary["weights"]), f"  (load_model({model!r}, weights=...))"
+        )
     )
 
 
-def main() -> None:
+def _print_error(kind: str, message: str, as_json: bool) -> None:
+    """One error as plain text on stderr (never Rich markup: paths hold brackets) and, with
+    ``--json``, as a JSON object on stdout."""
+    message = clip_message(message)
+    if as_json:
+        print(json.dumps({"error": {"type": kind, "message": message}}))
+    label = "\x1b[1;31merror:\x1b[0m" if sys.stderr.isatty() else "error:"
+    sys.stderr.write(f"{label} {message}\n")
+    sys.stderr.flush()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The ``clinadapt`` entry point: errors end as one plain message, never a traceback.
+
+    With ``--json`` every failure (usage errors too) also prints ``{"error": {"type",
+    "message"}}`` on stdout.
+    """
+    args = sys.argv[1:] if argv is None else list(argv)
+    as_json = "--json" in args
     try:
-        app()
+        if not as_json:  # typer shows usage errors and help itself
+            app(args=args, prog_name="clinadapt")
+            return
+        code = app(args=args, prog_name="clinadapt", standalone_mode=False)
     except ClinadaptError as e:
-        err.print(f"[bold red]error:[/bold red] {e}")
+        _print_error(type(e).__name__, str(e), as_json)
         sys.exit(2)
+    except typer.TyperException as e:  # --json: unknown option, bad value, missing argument
+        _print_error(type(e).__name__, e.format_message(), as_json)
+        sys.exit(getattr(e, "exit_code", 2))
+    except typer.Abort:
+        _print_error("Abort", "aborted", as_json)
+        sys.exit(1)
+    except Exception as e:  # a defect: keep the traceback, but --json still gets its object
+        if as_json:
+            payload = {"type": type(e).__name__, "message": clip_message(str(e))}
+            print(json.dumps({"error": payload}))
+        raise
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

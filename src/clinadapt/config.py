@@ -13,6 +13,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from clinadapt.errors import ConfigError
 
+#: The most values (mappings, lists and scalars, each alias counted again) a YAML document may
+#: expand to. A few hundred bytes of nested aliases expand to billions of values and would hang
+#: every step that copies or prints the configuration.
+YAML_VALUE_LIMIT = 100_000
+
 
 class SourceConfig(BaseModel):
     """How the source model is trained before a test-time method adapts it."""
@@ -128,6 +133,7 @@ def read_yaml_mapping(path: str | Path, kind: str, expected: str) -> dict[str, A
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML: {e}") from e
+    check_expansion(data, str(p))
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: the top level must be a mapping {expected}")
     return data
@@ -169,7 +175,27 @@ def parse_assignment(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
         value = raw
+    check_expansion(value, f"--set {key.strip()}")
     if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string; a number was meant
         with contextlib.suppress(ValueError):
             value = float(value)
     return key.strip(), value
+
+
+def check_expansion(value: Any, where: str, limit: int = YAML_VALUE_LIMIT) -> None:
+    """Refuse a YAML value that expands (through aliases) to more than ``limit`` values."""
+    count = 0
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > limit:
+            raise ConfigError(
+                f"{where}: the YAML expands to more than {limit:,} values (nested aliases?); "
+                "write the values out instead"
+            )
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)

@@ -28,3 +28,31 @@ class ConfigError(ClinadaptError, ValueError):
 
 class IncompatibleError(ClinadaptError, ValueError):
     """A combination of model, target and method that cannot work together."""
+
+
+#: The most characters of one value an error message shows.
+BRIEF_LIMIT = 200
+#: The most characters of a whole error message the command line prints.
+MESSAGE_LIMIT = 4000
+
+
+def brief(value: object, limit: int = BRIEF_LIMIT) -> str:
+    """``repr(value)`` for an error message, cut to ``limit`` characters in bounded time.
+
+    A YAML alias bomb is a small object whose full repr is astronomically long, so nested
+    containers are shown only a few levels and items deep before anything is joined.
+    """
+    import reprlib
+
+    r = reprlib.Repr()  # Python 3.11 takes no keyword arguments here
+    r.maxlevel, r.maxdict, r.maxlist, r.maxtuple, r.maxset = 3, 8, 8, 8, 8
+    r.maxstring = r.maxother = limit
+    text = r.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def clip_message(text: str, limit: int = MESSAGE_LIMIT) -> str:
+    """``text`` cut to ``limit`` characters, saying how much was left out."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]} ... ({len(text) - limit} more characters)"

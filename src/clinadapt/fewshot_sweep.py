@@ -19,7 +19,7 @@ import numpy as np
 from clinadapt.config import RunConfig
 from clinadapt.data import load_dataset
 from clinadapt.data.base import ClinicalDataset
-from clinadapt.errors import ConfigError
+from clinadapt.errors import ConfigError, brief
 from clinadapt.evaluation.evaluate import metrics_at_operating_point
 from clinadapt.features import FeatureCache, resolve_cache_dir, rows_in
 from clinadapt.methods import METHODS, Context
@@ -77,7 +77,7 @@ def run_configs(
     if base.method_options:
         raise ConfigError(
             "a sweep takes options per method (e.g. knn.k=10), not method_options "
-            f"{base.method_options}"
+            f"{brief(base.method_options)}"
         )
     method_options = method_options or {}
     unknown = sorted(set(method_options) - set(methods))

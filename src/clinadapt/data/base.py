@@ -270,11 +270,11 @@ class ClinicalDataset:
 
     @property
     def splits(self) -> list[str]:
-        return sorted(set(self.metadata["split"])) if "split" in self.metadata else []
+        return sorted(set(self.metadata["split"].tolist())) if "split" in self.metadata else []
 
     @property
     def domains(self) -> list[str]:
-        return sorted(set(self.metadata["domain"])) if "domain" in self.metadata else []
+        return sorted(set(self.metadata["domain"].tolist())) if "domain" in self.metadata else []
 
     def split(self, name: str) -> ClinicalDataset:
         """The images of one split; fails if the split is absent or empty."""

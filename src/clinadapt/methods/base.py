@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from clinadapt._registry import Registry
 from clinadapt.classifier import ImageClassifier
 from clinadapt.data.base import ClinicalDataset
-from clinadapt.errors import ConfigError
+from clinadapt.errors import ConfigError, brief
 from clinadapt.progress import progress
 
 METHODS: Registry = Registry("method")
@@ -50,7 +50,7 @@ class Method(abc.ABC):  # noqa: B024 (the two kinds below hold the abstract meth
         try:
             return self.Options(**(options or {}))
         except ValidationError as e:
-            raise ConfigError(f"method {self.name!r}: bad options {options}:\n{e}") from e
+            raise ConfigError(f"method {self.name!r}: bad options {brief(options)}:\n{e}") from e
 
 
 class FitMethod(Method):

@@ -10,7 +10,7 @@ import numpy as np
 
 from clinadapt._registry import Registry
 from clinadapt.data.base import ClinicalDataset
-from clinadapt.errors import ConfigError, DataError
+from clinadapt.errors import ConfigError, DataError, brief
 
 SHIFTS: Registry = Registry("shift")
 
@@ -70,7 +70,7 @@ def apply_shift(ds: ClinicalDataset, protocol: str, seed: int = 0, **options: An
     try:
         inspect.signature(fn).bind(ds, seed=seed, **options)
     except TypeError as e:
-        raise ConfigError(f"shift {protocol!r}: bad options {options}: {e}") from e
+        raise ConfigError(f"shift {protocol!r}: bad options {brief(options)}: {e}") from e
     return fn(ds, seed=seed, **options)
 
 

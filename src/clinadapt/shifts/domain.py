@@ -33,7 +33,7 @@ def domain_shift(
             f"it has {sorted(ds.metadata) or 'none'}. Use --shift none, or add a {key!r} column."
         )
     ds = ensure_splits(ds, seed=seed)
-    domains = sorted(set(ds.meta(key)))
+    domains = sorted(set(ds.meta(key).tolist()))
     sources = [source] if isinstance(source, str) else list(source or domains[:1])
     unknown = [s for s in sources if s not in domains]
     if unknown:

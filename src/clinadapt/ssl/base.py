@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
 from clinadapt._registry import Registry
-from clinadapt.errors import ConfigError
+from clinadapt.errors import ConfigError, brief
 from clinadapt.models.base import FoundationModel
 from clinadapt.ssl.augment import Augmenter
 
@@ -51,7 +51,7 @@ class SSLMethod(nn.Module, abc.ABC):
             return cls.Options(**(options or {}))
         except ValidationError as e:
             raise ConfigError(
-                f"pre-training method {cls.name!r}: bad options {options}:\n{e}"
+                f"pre-training method {cls.name!r}: bad options {brief(options)}:\n{e}"
             ) from e
 
     @abc.abstractmethod

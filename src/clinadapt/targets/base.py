@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
 from clinadapt._registry import Registry
-from clinadapt.errors import ConfigError, IncompatibleError
+from clinadapt.errors import ConfigError, IncompatibleError, brief
 
 TARGETS: Registry = Registry("target")
 
@@ -60,7 +60,7 @@ class Target(abc.ABC):
         try:
             return self.Options(**options).model_dump()
         except ValidationError as e:
-            raise ConfigError(f"target {self.name!r}: bad options {options}:\n{e}") from e
+            raise ConfigError(f"target {self.name!r}: bad options {brief(options)}:\n{e}") from e
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -123,7 +123,7 @@ def apply_target(
         try:  # an untyped target reports unknown options as a TypeError
             targets[part].apply(model, **parsed[part])
         except TypeError as e:
-            raise ConfigError(f"target {part!r}: bad options {parsed[part]}: {e}") from e
+            raise ConfigError(f"target {part!r}: bad options {brief(parsed[part])}: {e}") from e
     trainable, total = count_parameters(model)
     if trainable == 0:
         name = getattr(getattr(model, "encoder", model), "name", type(model).__name__)
