@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from clinadapt.evaluation.subgroups import lower_is_better
 from clinadapt.shifts.corruption import CLEAN, parse_set_name
 
 SEVERITY_COLUMNS = tuple(f"severity {s}" for s in range(1, 6))
-LOWER_IS_BETTER = frozenset({"ece", "nll", "brier", "aurc"})
 
 
 def shift_label(record: dict[str, Any]) -> str:
@@ -63,9 +63,7 @@ def columns(record: dict[str, Any], metric: str) -> dict[str, float]:
     shifted = [v for k, v in sets.items() if k not in in_domain]
     if shifted:
         out["shifted mean"] = float(np.mean(shifted))
-        out["worst"] = float(
-            max(sets.values()) if metric in LOWER_IS_BETTER else min(sets.values())
-        )
+        out["worst"] = float(max(sets.values()) if lower_is_better(metric) else min(sets.values()))
     return out
 
 
