@@ -6,6 +6,7 @@ from clinadapt.targets import (  # noqa: F401  (registrations)
     last_k,
     lora,
     prompt,
+    segmenter,
     text_prompt,
 )
 from clinadapt.targets.base import (

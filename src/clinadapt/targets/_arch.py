@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from torch import nn
 
 # Containers of repeated blocks, tried in order (timm ViT / open_clip timm towers, open_clip
-# ViT, transformers CLIP, DINOv2 / ViT / BERT-like, MAE / SAM, timm Swin, ConvNeXt-like).
+# ViT, transformers CLIP, DINOv2 / ViT / BERT-like, MAE / SAM, timm Swin, ConvNeXt-like; SAM 2's
+# Hiera trunk).
 BLOCK_PATHS = (
     "blocks",
     "trunk.blocks",
@@ -18,17 +19,22 @@ BLOCK_PATHS = (
     "vision_encoder.layers",
     "layers",
     "stages",
+    "backbone.blocks",
 )
 RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
 
 
 def model_name(model: nn.Module) -> str:
-    """The registered name of the backbone inside ``model`` (for error messages)."""
-    return getattr(getattr(model, "encoder", model), "name", type(model).__name__)
+    """The registered name of the backbone inside ``model`` (or of a segmenter itself)."""
+    for owner in (getattr(model, "encoder", None), model):
+        name = getattr(owner, "name", None)
+        if isinstance(name, str):
+            return name
+    return type(model).__name__
 
 
 def backbone(model: nn.Module) -> nn.Module:
-    """The image encoder of a classifier (or ``model`` itself)."""
+    """The image encoder of a classifier or a segmenter (or ``model`` itself)."""
     encoder = getattr(model, "encoder", None)
     return getattr(encoder, "image_encoder", encoder) if encoder is not None else model
 
