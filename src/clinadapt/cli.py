@@ -84,6 +84,87 @@ def targets(as_json: AsJson = False) -> None:
 
 
 @app.command()
+def segmenters(as_json: AsJson = False) -> None:
+    """List the promptable segmenters (SAM, MedSAM, SAM 2; tiny-* are random test ones)."""
+    from clinadapt.segmentation.specs import SEGMENTERS
+
+    _listing([(e.name, e.help) for e in SEGMENTERS.entries()], "segmenters", as_json)
+
+
+@app.command()
+def segment(
+    image: Annotated[
+        list[Path] | None, typer.Option("--image", help="an image file (repeatable); NIfTI too")
+    ] = None,
+    images: Annotated[Path | None, typer.Option("--images", help="a folder of images")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help="segmenter (clinadapt segmenters); default: the adapted file's base"),
+    ] = None,
+    box: Annotated[
+        list[str] | None, typer.Option("--box", help="x1,y1,x2,y2 in pixels, one per object")
+    ] = None,
+    point: Annotated[
+        list[str] | None, typer.Option("--point", help="x,y of a foreground point")
+    ] = None,
+    negative: Annotated[
+        list[str] | None, typer.Option("--negative", help="x,y of a background point")
+    ] = None,
+    prompts: Annotated[
+        Path | None,
+        typer.Option(help="prompts per image file name: .json or .csv (see the README)"),
+    ] = None,
+    weights: Annotated[
+        str | None,
+        typer.Option(help="base weights (folder or checkpoint) or clinadapt adapted weights"),
+    ] = None,
+    modality: Annotated[
+        str | None, typer.Option(help="ct: window raw HU at level 40 / width 400 (MedSAM)")
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", help="folder for masks and overlays")] = Path(
+        "clinadapt-masks"
+    ),
+    device: Annotated[str, typer.Option(help="torch device (cpu, cuda)")] = "cpu",
+    quiet: Quiet = False,
+    as_json: AsJson = False,
+) -> None:
+    """Segment images with a promptable model; write label masks (PNG or NIfTI) and overlays."""
+    import dataclasses
+
+    from clinadapt.errors import ConfigError
+    from clinadapt.progress import set_quiet
+    from clinadapt.segmentation.apply import list_images, load_for_inference, segment_files
+
+    set_quiet(quiet or as_json)
+    files: list[Path] = list(image or [])
+    if images is not None:
+        files += list_images(images)
+    if not files:
+        raise ConfigError("give --image FILE (repeatable) or --images FOLDER")
+    if model is None and weights is None:
+        model = "medsam"
+    seg = load_for_inference(model, weights, device)
+
+    def show(item: Any) -> None:
+        if not (quiet or as_json):
+            console.print(f"{item.image}: {item.objects} object(s) -> [bold]{item.mask}[/bold]")
+
+    done = segment_files(
+        seg,
+        files,
+        out,
+        prompts_file=None if prompts is None else str(prompts),
+        boxes=box or (),
+        points=point or (),
+        negatives=negative or (),
+        modality=modality,
+        on_done=show,
+    )
+    if as_json:
+        print(json.dumps([dataclasses.asdict(d) for d in done], indent=2))
+
+
+@app.command()
 def shifts(as_json: AsJson = False) -> None:
     """List the registered shift protocols."""
     from clinadapt.shifts import SHIFTS

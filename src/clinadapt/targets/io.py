@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,14 +36,16 @@ def save_adapted(
     path: str | os.PathLike[str],
     base: str | None = None,
     target: TargetInfo | None = None,
+    metadata: Mapping[str, str] | None = None,
 ) -> Path:
     """Write the adapted tensors of ``model`` to ``path`` (atomically); return the path.
 
     The metadata records the base model's name (``base``, default: the model's own) and, when
-    given, the target spec and options so :func:`load_adapted` can rebuild injected layers.
+    given, the target spec and options so :func:`load_adapted` can rebuild injected layers;
+    ``metadata`` adds string entries of the caller's (e.g. a learned prompt's class names).
     """
     path = Path(path)
-    meta = {"format": FORMAT, "base_model": base or model_name(model)}
+    meta = {**dict(metadata or {}), "format": FORMAT, "base_model": base or model_name(model)}
     if target is not None:
         meta["target"] = target.spec
         meta["target_options"] = json.dumps(target.options, sort_keys=True, default=str)
