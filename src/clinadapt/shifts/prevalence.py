@@ -28,6 +28,50 @@ def class_mix(ds: ClinicalDataset, prevalence: list[float] | dict[str, float]) -
     return mix
 
 
+def resample_groups(
+    groups: np.ndarray,
+    names: list[str],
+    mix: np.ndarray,
+    size: int | None,
+    replace: bool,
+    seed: int,
+    where: str,
+    what: str = "class(es)",
+) -> np.ndarray:
+    """Seeded positions whose group counts follow ``mix`` (largest remainder).
+
+    ``groups`` holds each image's group index into ``names``. Without replacement ``size``
+    defaults to the largest size the rarest needed group allows; with replacement, to the
+    number of images. Asking for more images of a group than exist is an error.
+    """
+    have = np.bincount(groups, minlength=len(names))
+    missing = [names[c] for c in np.flatnonzero((mix > 0) & (have == 0))]
+    if missing:
+        raise DataError(f"{where}: no images of {what} {missing} to resample from")
+    if size is None:
+        need = mix > 0
+        size = len(groups) if replace else int(np.floor(np.min(have[need] / mix[need]) + 1e-9))
+    if size < 1:
+        raise ConfigError(f"prevalence: size must be >= 1, got {size}")
+    exact = mix * size
+    counts = np.floor(exact).astype(int)
+    for c in np.argsort(-(exact - counts), kind="stable")[: size - counts.sum()]:
+        counts[c] += 1
+    if not replace and (counts > have).any():
+        c = int(np.flatnonzero(counts > have)[0])
+        raise DataError(
+            f"{where}: the mix needs {counts[c]} images of {names[c]!r} but only "
+            f"{have[c]} exist; lower size, or set replace=True"
+        )
+    rng = np.random.default_rng(seed)
+    picks = [
+        rng.choice(np.flatnonzero(groups == c), counts[c], replace=replace)
+        for c in range(len(names))
+        if counts[c]
+    ]
+    return rng.permutation(np.concatenate(picks))
+
+
 def resample_to_prevalence(
     ds: ClinicalDataset,
     prevalence: list[float] | dict[str, float],
@@ -42,33 +86,13 @@ def resample_to_prevalence(
     """
     if ds.task == "multilabel":
         raise DataError(f"{ds.name}: prevalence shift needs single-label data, not multi-label")
-    mix = class_mix(ds, prevalence)
-    have = ds.class_counts()
-    missing = [ds.class_names[c] for c in np.flatnonzero((mix > 0) & (have == 0))]
-    if missing:
-        raise DataError(f"{ds.name}: no images of class(es) {missing} to resample from")
-    if size is None:
-        need = mix > 0
-        size = len(ds) if replace else int(np.floor(np.min(have[need] / mix[need]) + 1e-9))
-    if size < 1:
-        raise ConfigError(f"prevalence: size must be >= 1, got {size}")
-    exact = mix * size
-    counts = np.floor(exact).astype(int)
-    for c in np.argsort(-(exact - counts), kind="stable")[: size - counts.sum()]:
-        counts[c] += 1
-    if not replace and (counts > have).any():
-        c = int(np.flatnonzero(counts > have)[0])
+    if ds.task == "segmentation":
         raise DataError(
-            f"{ds.name}: the mix needs {counts[c]} images of {ds.class_names[c]!r} but only "
-            f"{have[c]} exist; lower size, or set replace=True"
+            f"{ds.name}: for segmentation data use the lesion-mix shift (empty images and "
+            "lesion sizes) instead of the class prevalence shift"
         )
-    rng = np.random.default_rng(seed)
-    picks = [
-        rng.choice(np.flatnonzero(ds.labels == c), counts[c], replace=replace)
-        for c in range(ds.num_classes)
-        if counts[c]
-    ]
-    pos = rng.permutation(np.concatenate(picks))
+    mix = class_mix(ds, prevalence)
+    pos = resample_groups(ds.labels, ds.class_names, mix, size, replace, seed, ds.name)
     return ds.subset(pos, name=f"{ds.name}[prevalence]")
 
 
