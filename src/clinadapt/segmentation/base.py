@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from clinadapt.errors import DataError, IncompatibleError
+from clinadapt.segmentation.predict import MaskModel, ProbMap
 from clinadapt.segmentation.preprocess import (
     Frame,
     SegPreprocessing,
@@ -105,7 +106,7 @@ def repeat(features: Features, n: int) -> Features:
     return features.expand(n, *features.shape[1:])
 
 
-class Segmenter(nn.Module, metaclass=abc.ABCMeta):
+class Segmenter(nn.Module, MaskModel):
     """A promptable segmenter: image encoder, prompt encoder, mask decoder, preprocessing.
 
     ``encoder`` is the image encoder (the ``lora``/``adapter``/``norm``/``bias`` targets act on
@@ -272,6 +273,12 @@ class Segmenter(nn.Module, metaclass=abc.ABCMeta):
         otherwise. MedSAM always predicts one mask (as its inference script).
         """
         prompts = prompts if prompts is not None else Prompts()
+        if prompts.asks_nothing:
+            h, w = embedding.frame.original
+            m = self.mask_input_size
+            return SegmentationOutput(
+                torch.zeros(0, h, w), torch.zeros(0), torch.zeros(0, m, m), prompts.ids()
+            )
         mp = self.model_prompts(prompts, embedding.frame)
         if multimask is None:
             multimask = self.preprocessing.rule != "medsam" and prompts.single_point()
@@ -281,6 +288,35 @@ class Segmenter(nn.Module, metaclass=abc.ABCMeta):
         return SegmentationOutput(
             self.upsample(low, embedding.frame).cpu(), score.cpu(), low.cpu(), ids
         )
+
+    def mask_probs(
+        self,
+        images: Sequence[np.ndarray | torch.Tensor],
+        prompts: Sequence[Prompts],
+        modality: str | None = None,
+    ) -> list[ProbMap]:
+        """One probability map per prompt of each image, at its resolution (with gradients).
+
+        The mask choice follows :meth:`predict`; training-time callers that want MedSAM's single
+        mask everywhere pass box prompts, which never use the multimask output.
+        """
+        if len(images) != len(prompts):
+            raise DataError(f"{len(prompts)} prompt sets for {len(images)} images")
+        x, frames = self.preprocess(images, modality)
+        feats = self.encode(x)
+        out = []
+        for i, frame in enumerate(frames):
+            p = prompts[i]
+            if p.asks_nothing:
+                out.append(ProbMap(x.new_zeros(0, *frame.original), False, p.ids()))
+                continue
+            mp = self.model_prompts(p, frame)
+            multimask = self.preprocessing.rule != "medsam" and p.single_point()
+            low, iou = self.decode_prompts(take(feats, i), mp, multimask)
+            low, _ = choose_mask(low, iou)
+            ids = np.arange(1, mp.count + 1, dtype=np.int64) if mp.use_default else p.ids()
+            out.append(ProbMap(self.upsample(low, frame), False, ids))
+        return out
 
     def segment(
         self,

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from clinadapt.errors import DataError
@@ -55,7 +56,13 @@ class Prompts:
 
     @property
     def is_empty(self) -> bool:
+        """No prompt at all: a segmenter then uses its learned default prompt."""
         return self.boxes is None and self.points is None and self.masks is None
+
+    @property
+    def asks_nothing(self) -> bool:
+        """Zero objects on purpose (prompts derived from an empty reference): no mask."""
+        return self.is_empty and self.class_ids is not None and len(self.class_ids) == 0
 
     @property
     def kind(self) -> str:
@@ -522,3 +529,57 @@ class DefaultPrompt(nn.Module):
     def forward(self) -> torch.Tensor:
         """(C, T, D) sparse prompt embeddings, one prompt per class."""
         return self.tokens
+
+
+# --- the prompt protocol of an evaluation -----------------------------------------------------
+
+
+class PromptSpec(BaseModel):
+    """How each image's prompts are derived from its reference (one protocol per run).
+
+    ``kind="none"`` gives no prompt at all: the segmenter's learned default prompt (prompt-free).
+    Every image gets its own generator seeded by (seed, key), key = the image's index in its
+    dataset, so an image's prompts do not depend on stream order, the method or the view.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["box", "points", "box+points", "mask", "none"] = Field(
+        "box", description="what is derived from the reference (MedSAM: box)"
+    )
+    per: Literal["class", "component"] = Field(
+        "class", description="one prompt per class present, or per connected component"
+    )
+    jitter: int = Field(20, ge=0, description="box sides moved outwards by 0..jitter px (MedSAM)")
+    k: int = Field(1, ge=1, description="foreground points per object (1, 3, 5 in the literature)")
+    negatives: int = Field(0, ge=0, description="background points per object")
+    point_mode: Literal["random", "center"] = Field(
+        "random", description="uniform points, or the one farthest from the boundary first"
+    )
+    classes: list[int] | None = Field(None, description="label values to prompt (default all)")
+
+    def derive(self, label_map: np.ndarray, key: int, seed: int = 0) -> DerivedPrompts:
+        """The prompts of one image (its reference ``label_map``, its dataset index ``key``)."""
+        if self.kind == "none":
+            h, w = np.shape(label_map)[:2]
+            return DerivedPrompts(
+                Prompts(), np.zeros((0, h, w), dtype=bool), np.zeros(0, dtype=np.int64)
+            )
+        rng = np.random.default_rng([int(seed), int(key)])
+        return prompts_from_mask(
+            label_map,
+            self.kind,
+            per=self.per,
+            jitter=self.jitter,
+            k=self.k,
+            negatives=self.negatives,
+            point_mode=self.point_mode,
+            classes=self.classes,
+            seed=rng,
+        )
+
+
+def derive_for(dataset: Any, spec: PromptSpec, seed: int = 0) -> list[DerivedPrompts]:
+    """Prompts for every image of a segmentation dataset (view), in its order."""
+    index = np.asarray(dataset.index)
+    return [spec.derive(dataset.mask(i), int(index[i]), seed) for i in range(len(dataset))]

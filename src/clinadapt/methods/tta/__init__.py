@@ -5,6 +5,7 @@ from clinadapt.methods.tta import (  # noqa: F401
     eata,
     memo,
     sar,
+    seg,
     source,
     t3a,
     tda,

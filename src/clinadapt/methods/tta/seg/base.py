@@ -1,0 +1,180 @@
+"""Test-time adaptation for segmentation: the method base, the stream loop and its collapse guard.
+
+A segmentation test-time method adapts a mask model (a promptable segmenter, or any
+:class:`~clinadapt.segmentation.predict.MaskModel`) along an unlabelled stream of images with
+their prompts, and returns a label map per image in stream order. The prompts are the run's
+(derived from each reference the same way for every method), never the reference masks.
+"""
+
+from __future__ import annotations
+
+import abc
+import copy
+from collections import deque
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from clinadapt.errors import IncompatibleError
+from clinadapt.methods.base import Context, Options, TTAMethod
+from clinadapt.methods.tta.adapter import GuardOptions, record_reset
+from clinadapt.progress import progress
+from clinadapt.segmentation.predict import MaskModel, ProbMap
+from clinadapt.segmentation.prompts import Prompts
+
+#: A predicted foreground share below this (or above 1 - this) makes an image "degenerate".
+DEGENERATE_SHARE = 1e-3
+
+
+class SegTTAMethod(TTAMethod):
+    """A test-time method for segmentation: ``adapt_masks`` instead of ``adapt``."""
+
+    task: ClassVar[str] = "segmentation"
+
+    def adapt(self, model: Any, stream: Any, options: Options, ctx: Context) -> np.ndarray:
+        raise IncompatibleError(
+            f"{self.name} adapts segmentation models; {getattr(stream, 'name', 'this stream')} "
+            "is a classification dataset"
+        )
+
+    @abc.abstractmethod
+    def adapt_masks(
+        self,
+        model: MaskModel,
+        stream: Any,
+        prompts: Sequence[Prompts],
+        options: Options,
+        ctx: Context,
+    ) -> list[np.ndarray]:
+        """Label maps of ``stream`` (a SegmentationDataset) in its order, adapting as it goes.
+
+        ``model`` is the source model and stays unchanged (methods adapt a private copy).
+        """
+
+
+class SegCollapseGuard:
+    """Watch the last ``window`` prompted images; report a collapse or a non-finite loss.
+
+    Entropy minimisation on masks collapses to all-background or all-foreground predictions
+    with near-zero entropy. A stream has collapsed when, over a full window of images that asked
+    for an object, the mean pixel entropy is below ``entropy_frac`` of its maximum *and* at least
+    ``share`` of the images are degenerate (predicted foreground below 0.1% or above 99.9% of
+    the image).
+    """
+
+    def __init__(
+        self,
+        window: int = 128,
+        entropy_frac: float = 0.05,
+        share: float = 0.95,
+        enabled: bool = True,
+    ) -> None:
+        self.window = window
+        self.entropy_frac = entropy_frac
+        self.share = share
+        self.enabled = enabled
+        self.entropy: deque[float] = deque(maxlen=window)
+        self.degenerate: deque[bool] = deque(maxlen=window)
+
+    def clear(self) -> None:
+        self.entropy.clear()
+        self.degenerate.clear()
+
+    def check(self, maps: Sequence[ProbMap], loss: torch.Tensor | float | None) -> str | None:
+        """Add a batch of predictions; return why the stream must be reset, or None."""
+        if loss is not None and not bool(torch.isfinite(torch.as_tensor(loss))):
+            return f"non-finite loss ({float(loss)})"
+        if any(not bool(torch.isfinite(m.probs).all()) for m in maps):
+            return "non-finite predictions"
+        if not self.enabled:
+            return None
+        for m in maps:
+            if m.probs.shape[0] == 0:
+                continue  # nothing was asked of this image
+            with torch.no_grad():
+                self.entropy.append(float(m.entropy().mean()) / m.max_entropy())
+                fg = float((m.foreground() > 0.5).float().mean())
+            self.degenerate.append(fg < DEGENERATE_SHARE or fg > 1 - DEGENERATE_SHARE)
+        if len(self.degenerate) < self.window:
+            return None
+        mean_entropy = sum(self.entropy) / len(self.entropy)
+        share = sum(self.degenerate) / len(self.degenerate)
+        if mean_entropy < self.entropy_frac and share >= self.share:
+            return (
+                f"collapse: mean pixel entropy {mean_entropy:.4f} of its maximum < "
+                f"{self.entropy_frac} and {share:.0%} of the last {len(self.degenerate)} masks "
+                "empty or filling the image"
+            )
+        return None
+
+
+def make_guard(options: GuardOptions) -> SegCollapseGuard:
+    return SegCollapseGuard(
+        options.guard_window, options.guard_entropy, options.guard_share, options.guard
+    )
+
+
+class SegAdapter(abc.ABC):
+    """One private model copy adapting along a stream; ``reset`` returns to the source state."""
+
+    def __init__(self, model: Any, optimizer: torch.optim.Optimizer | None) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self._model_state = copy.deepcopy(model.state_dict())
+        self._optim_state = copy.deepcopy(optimizer.state_dict()) if optimizer else None
+
+    def reset(self) -> None:
+        self.model.load_state_dict(self._model_state)
+        if self.optimizer is not None and self._optim_state is not None:
+            self.optimizer.load_state_dict(copy.deepcopy(self._optim_state))
+        self.on_reset()
+
+    def on_reset(self) -> None:  # noqa: B027  (an optional hook, not abstract)
+        """Clear state kept outside the model (a teacher, statistics, ...)."""
+
+    @abc.abstractmethod
+    def forward_and_adapt(
+        self, images: list[np.ndarray], prompts: list[Prompts]
+    ) -> tuple[list[ProbMap], torch.Tensor | None]:
+        """Predict a batch while adapting; return its probability maps and the loss (or None)."""
+
+    @torch.no_grad()
+    def predict(self, images: list[np.ndarray], prompts: list[Prompts]) -> list[ProbMap]:
+        return self.model.mask_probs(images, prompts)
+
+
+def run_seg_stream(
+    adapter: SegAdapter,
+    stream: Any,
+    prompts: Sequence[Prompts],
+    ctx: Context,
+    guard: SegCollapseGuard,
+    method: str,
+) -> list[np.ndarray]:
+    """Adapt along ``stream`` in order, ``ctx.batch_size`` images at a time; reset on collapse."""
+    if len(prompts) != len(stream):
+        raise IncompatibleError(f"{len(prompts)} prompt sets for {len(stream)} images")
+    out: list[np.ndarray] = []
+    starts = range(0, len(stream), ctx.batch_size)
+    for start in progress(starts, f"{method} {stream.name}", total=len(starts)):
+        idx = range(start, min(start + ctx.batch_size, len(stream)))
+        images = [stream.image(i) for i in idx]
+        batch_prompts = [prompts[i] for i in idx]
+        maps, loss = adapter.forward_and_adapt(images, batch_prompts)
+        reason = guard.check(maps, loss)
+        if reason:
+            adapter.reset()
+            guard.clear()
+            record_reset(ctx, method, stream.name, start, reason)
+            if any(not bool(torch.isfinite(m.probs).all()) for m in maps):
+                maps = adapter.predict(images, batch_prompts)
+        out.extend(m.label_map() for m in maps)
+    return out
+
+
+def entropy_loss(maps: Sequence[ProbMap]) -> torch.Tensor | None:
+    """Mean pixel entropy over the images (and prompts) that asked for something."""
+    terms = [m.entropy().mean() for m in maps if m.probs.shape[0] > 0]
+    return torch.stack(terms).mean() if terms else None
