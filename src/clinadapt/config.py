@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from clinadapt.errors import ConfigError
 
@@ -49,6 +49,13 @@ class EvaluationConfig(BaseModel):
         default_factory=lambda: ["domain", "scanner", "sex", "age_group"],
         description="metadata keys whose groups get per-group metrics, worst group and gap",
     )
+    nsd_tolerance_mm: float = Field(
+        2.0, gt=0, description="segmentation: tolerance of the normalised surface Dice, in mm"
+    )
+    size_edges_mm: list[float] = Field(
+        default_factory=lambda: [10.0, 30.0],
+        description="segmentation: object-size bin edges (diameter of a disc of the same area, mm)",
+    )
 
 
 class RunConfig(BaseModel):
@@ -56,7 +63,9 @@ class RunConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
     model: str = Field(
-        "tiny-resnet", description="registered model name or timm:/hf:/open_clip: id"
+        None,  # type: ignore[assignment]
+        description="registered model name or timm:/hf:/open_clip: id (default: the task's "
+        "offline model, tiny-resnet for classification, tiny-sam for segmentation)",
     )
     weights: str | None = Field(None, description="local weights file or directory (offline use)")
     pretrained: bool = Field(
@@ -68,7 +77,11 @@ class RunConfig(BaseModel):
         "side in pixels, any model), timm arguments (in_chans, drop_path_rate, ...), open_clip "
         "or transformers config fields",
     )
-    data: str = Field("clinical-shift", description="registered dataset name or a path")
+    data: str = Field(
+        None,  # type: ignore[assignment]
+        description="registered dataset name or a path (default: the method's task's built-in "
+        "data, clinical-shift or clinical-shift-seg)",
+    )
     data_options: dict[str, Any] = Field(
         default_factory=dict, description="keyword arguments of the dataset loader"
     )
@@ -111,6 +124,17 @@ class RunConfig(BaseModel):
     )
     device: str = Field("cpu", description="torch device, e.g. cpu or cuda")
     out_dir: str = Field("clinadapt-runs", description="where result records are written")
+
+    @model_validator(mode="after")
+    def _task_defaults(self) -> RunConfig:
+        """Fill an unset model or dataset with the offline default of the method's task."""
+        if self.model is None or self.data is None:
+            from clinadapt.tasks.base import task_defaults
+
+            model, data = task_defaults(self.method)
+            self.model = self.model or model
+            self.data = self.data or data
+        return self
 
     def identity(self) -> dict[str, Any]:
         """The fields that define the experiment (not where its results go)."""

@@ -21,19 +21,19 @@ from clinadapt.config import RunConfig
 from clinadapt.data import load_dataset
 from clinadapt.data.base import ClinicalDataset
 from clinadapt.errors import ConfigError, IncompatibleError
-from clinadapt.evaluation.evaluate import evaluate
-from clinadapt.methods import METHODS, Context, FitMethod, TTAMethod, predict_proba
+from clinadapt.evaluation.subgroups import lower_is_better
+from clinadapt.methods import METHODS, Context, FitMethod, Method, TTAMethod, predict_proba
 from clinadapt.methods.tta.protocol import order_stream, run_tta, source_method_for
 from clinadapt.models import load_model
 from clinadapt.progress import status
 from clinadapt.shifts import ShiftSplit, apply_shift
-from clinadapt.store import write_run
 from clinadapt.targets import (
     TargetInfo,
     apply_target,
     enable_adaptive_temperature,
     save_adapted,
 )
+from clinadapt.tasks.base import Outcome, task_for
 
 PACKAGES = (
     "clinadapt",
@@ -160,16 +160,19 @@ def fit_source(
     return model, info, summary
 
 
-def summarise(metrics: dict[str, dict[str, float]], in_domain: list[str]) -> dict[str, Any]:
-    """In-domain and shifted means, and the worst test set, for the headline metrics."""
+def summarise(
+    metrics: dict[str, dict[str, float]],
+    in_domain: list[str],
+    names: tuple[str, ...] | list[str] = SUMMARY_METRICS,
+) -> dict[str, Any]:
+    """In-domain and shifted means, and the worst test set, for the headline metrics ``names``."""
     out: dict[str, Any] = {}
     shifted = [k for k in metrics if k not in in_domain]
-    for m in SUMMARY_METRICS:
+    for m in names:
         vals = {k: v[m] for k, v in metrics.items() if m in v and v[m] == v[m]}
         if not vals:
             continue
-        lower_is_better = m == "ece"
-        worst = (max if lower_is_better else min)(vals, key=vals.get)
+        worst = (max if lower_is_better(m) else min)(vals, key=vals.get)
         out[m] = {
             "in_domain": float(np.mean([vals[k] for k in in_domain if k in vals]))
             if any(k in vals for k in in_domain)
@@ -183,22 +186,15 @@ def summarise(metrics: dict[str, dict[str, float]], in_domain: list[str]) -> dic
     return out
 
 
-def run_experiment(cfg: RunConfig, write: bool = True) -> dict[str, Any]:
-    """Run ``cfg`` and return its result record (also written to ``cfg.out_dir`` when ``write``)."""
-    t0 = time.perf_counter()
-    timings: dict[str, float] = {}
-    method = METHODS.get(cfg.method)()
-    ctx = Context(
-        batch_size=cfg.batch_size,
-        seed=cfg.seed,
-        device=cfg.device,
-        cache_dir=str(Path(cfg.out_dir) / "cache" / "features"),
-    )
-
-    ds = load_dataset(cfg.data, **cfg.data_options)
-    split = apply_shift(ds, cfg.shift, seed=cfg.seed, **cfg.shift_options)
-    timings["data_s"] = time.perf_counter() - t0
-
+def classification_outcome(
+    cfg: RunConfig,
+    method: Method,
+    split: ShiftSplit,
+    ctx: Context,
+    timings: dict[str, float],
+) -> Outcome:
+    """Classification's run: fit (or fit a source and adapt on the test streams) and predict."""
+    ds = split.train
     t = time.perf_counter()
     record: dict[str, Any] = {}
     probs: dict[str, np.ndarray] = {}
@@ -260,20 +256,45 @@ def run_experiment(cfg: RunConfig, write: bool = True) -> dict[str, Any]:
     else:  # pragma: no cover - the registry only holds the two kinds
         raise ConfigError(f"method {cfg.method!r} is of unknown kind")
     timings["evaluate_s"] = time.perf_counter() - t
+    return Outcome(
+        model=model.encoder.describe(),
+        target=info.to_dict(),
+        method={
+            "name": cfg.method,
+            "kind": method.kind,
+            "options": method.parse_options(cfg.method_options).model_dump(),
+        },
+        predictions={"probs": probs, "labels": labels, "meta": meta, "val": val_pred},
+        parts=record,
+    )
+
+
+def run_experiment(cfg: RunConfig, write: bool = True) -> dict[str, Any]:
+    """Run ``cfg`` and return its result record (also written to ``cfg.out_dir`` when ``write``).
+
+    The task comes from the dataset (classification or segmentation): it builds the predictor,
+    fits or adapts it, predicts and evaluates every test set; the record is the same for all.
+    """
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    method = METHODS.get(cfg.method)()
+    ctx = Context(
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        device=cfg.device,
+        cache_dir=str(Path(cfg.out_dir) / "cache" / "features"),
+    )
+
+    ds = load_dataset(cfg.data, **cfg.data_options)
+    split = apply_shift(ds, cfg.shift, seed=cfg.seed, **cfg.shift_options)
+    task = task_for(ds)
+    task.check(method, ds)
+    timings["data_s"] = time.perf_counter() - t0
+
+    outcome = task.run(cfg, method, split, ctx, timings)
 
     t = time.perf_counter()
-    evals = {
-        name: evaluate(
-            labels[name],
-            probs[name],
-            ds.task,
-            meta.get(name),
-            seed=cfg.seed,
-            val=val_pred,
-            **cfg.evaluation.model_dump(),
-        )
-        for name in probs
-    }
+    evals = task.evaluate(outcome, split, cfg)
     metrics = {name: e["metrics"] for name, e in evals.items()}
     timings["metrics_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
@@ -285,26 +306,23 @@ def run_experiment(cfg: RunConfig, write: bool = True) -> dict[str, Any]:
         "config": cfg.model_dump(),
         "seed": cfg.seed,
         "versions": versions(),
+        "task": task.name,
         "data": {**ds.summary(), "class_names": ds.class_names},
         "shift": split.describe(),
-        "model": model.encoder.describe(),
-        "target": info.to_dict(),
-        "method": {
-            "name": cfg.method,
-            "kind": method.kind,
-            "options": method.parse_options(cfg.method_options).model_dump(),
-        },
-        **record,
+        "model": outcome.model,
+        "target": outcome.target,
+        "method": outcome.method,
+        **outcome.parts,
         "metrics": metrics,
-        "summary": summarise(metrics, split.in_domain),
+        "summary": summarise(metrics, split.in_domain, task.summary_metrics),
         **{
             part: {name: e[part] for name, e in evals.items() if part in e}
-            for part in ("subgroups", "ci", "selective", "operating_point")
+            for part in task.evaluation_parts
             if any(part in e for e in evals.values())
         },
         "timings": timings,
         "status": "ok",
     }
     if write:
-        write_run(cfg.out_dir, record, probs, labels)
+        task.write(cfg.out_dir, record, outcome)
     return record

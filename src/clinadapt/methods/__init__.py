@@ -7,6 +7,7 @@ from clinadapt.methods import (  # noqa: F401  (registrations)
     knn,
     probe,
     prototype,
+    seg,
     tip_adapter,
     tta,
     zeroshot,

@@ -44,6 +44,8 @@ class Method(abc.ABC):  # noqa: B024 (the two kinds below hold the abstract meth
 
     name: ClassVar[str] = "method"
     kind: ClassVar[Literal["fit", "tta"]] = "fit"
+    #: the task a method is for; segmentation methods register with tags=("segmentation",)
+    task: ClassVar[str] = "classification"
     Options: ClassVar[type[Options]] = Options
 
     def parse_options(self, options: dict[str, Any] | None) -> Options:

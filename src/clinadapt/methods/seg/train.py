@@ -1,0 +1,194 @@
+"""Supervised training of a promptable segmenter, MedSAM's recipe by default.
+
+MedSAM (Ma et al., Nat. Commun. 2024; train_one_gpu.py): AdamW, lr 1e-4, weight decay 0.01;
+loss = Dice (sigmoid, squared denominator, MONAI ``DiceLoss``) + binary cross-entropy, at the
+image resolution; one box per training image, drawn for a random object of the image, its sides
+moved outwards by 0..20 px (of 1024); the prompt encoder frozen (target
+``image-encoder+decoder``). Validation Dice with the evaluation prompts picks the best epoch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from clinadapt.data.segmentation import SegmentationDataset
+from clinadapt.errors import DataError
+from clinadapt.evaluation.seg_metrics import score_images, summarise_table
+from clinadapt.methods.base import Context
+from clinadapt.methods.seg.base import PromptOptions, derive_prompts, predict_with_prompts
+from clinadapt.progress import progress, status
+
+if TYPE_CHECKING:
+    from clinadapt.segmentation import Segmenter
+
+
+class TrainOptions(PromptOptions):
+    """Training settings shared by the supervised segmentation methods."""
+
+    epochs: int = Field(10, ge=1, description="passes over the training images")
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate (MedSAM: 1e-4)")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (MedSAM: 0.01)")
+    objects_per_image: Literal["one", "all"] = Field(
+        "one",
+        description="prompts per training image and step: one random object (MedSAM) or all",
+    )
+    patience: int = Field(
+        5, ge=1, description="stop after this many epochs without a better validation Dice"
+    )
+
+
+def dice_bce(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """MedSAM's loss on (P,H,W) probabilities: MONAI Dice (squared) + binary cross-entropy."""
+    from monai.losses import DiceLoss
+
+    t = targets.float()
+    dice = DiceLoss(sigmoid=False, squared_pred=True, reduction="mean")(probs[:, None], t[:, None])
+    bce = torch.nn.functional.binary_cross_entropy(probs.clamp(1e-6, 1 - 1e-6), t)
+    return dice + bce
+
+
+def _encoder_trainable(seg: Segmenter) -> bool:
+    return any(p.requires_grad for m in seg.encoder_modules() for p in m.parameters())
+
+
+def _step_loss(
+    seg: Segmenter,
+    images: list[np.ndarray],
+    maps: list[np.ndarray],
+    options: TrainOptions,
+    rng: np.random.Generator,
+    modality: str,
+    cache: dict[int, Any] | None,
+    keys: list[int],
+) -> torch.Tensor | None:
+    from clinadapt.segmentation import Prompts
+    from clinadapt.segmentation.base import take
+
+    x, frames = seg.preprocess(images, modality)
+    if cache is not None:  # frozen encoder: each image's features once, reused every epoch
+        missing = [j for j, k in enumerate(keys) if k not in cache]
+        if missing:
+            with torch.no_grad():
+                feats = seg.encode(x[missing])
+            for n, j in enumerate(missing):
+                cache[keys[j]] = take(feats, n)
+        per_image = [cache[k] for k in keys]
+    else:
+        feats = seg.encode(x)
+        per_image = [take(feats, j) for j in range(len(images))]
+    losses = []
+    for j, ref in enumerate(maps):
+        if options.prompt == "none":  # the learned default prompt: one mask per class
+            prompts = Prompts()
+            targets = np.stack([ref == c for c in range(1, seg.default_prompt.num_classes + 1)])
+        else:
+            d = derive_prompts(ref, options, rng)
+            if d.prompts.count == 0:
+                continue  # nothing to prompt on this image
+            pick = (
+                np.arange(d.prompts.count)
+                if options.objects_per_image == "all"
+                else rng.integers(0, d.prompts.count, 1)
+            )
+            prompts, targets = d.prompts.select(pick), d.targets[pick]
+        mp = seg.model_prompts(prompts, frames[j])
+        low, _ = seg.decode_prompts(per_image[j], mp, multimask=False)
+        probs = seg.upsample(low[:, 0], frames[j])
+        losses.append(dice_bce(probs, torch.as_tensor(targets, device=probs.device)))
+    return torch.stack(losses).mean() if losses else None
+
+
+def validation_dice(
+    seg: Segmenter, val: SegmentationDataset, options: PromptOptions, ctx: Context
+) -> float:
+    """Mean Dice over ``val`` (all image x class pairs, as the U-Net baseline selects)."""
+    pred = predict_with_prompts(seg, val, options, ctx, desc="validate")
+    refs = [val.mask(i) for i in range(len(val))]
+    table = score_images(pred.masks, refs, val.spacing, val.class_names)
+    return summarise_table(table)["dice"]
+
+
+def train_segmenter(
+    seg: Segmenter,
+    train: SegmentationDataset,
+    val: SegmentationDataset | None,
+    options: TrainOptions,
+    ctx: Context,
+) -> dict[str, Any]:
+    """Train the parameters the target opened on ``train``; keep the best validation epoch."""
+    params = [p for p in seg.parameters() if p.requires_grad]
+    if not params:
+        raise DataError("training needs trainable parameters; choose a target that opens some")
+    if options.prompt != "none" and not train.labels.any():
+        raise DataError(f"{train.name}: no training image has an object to prompt")
+    opt = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
+    rng = np.random.default_rng(ctx.seed)
+    torch.manual_seed(ctx.seed)
+    cache: dict[int, Any] | None = None if _encoder_trainable(seg) else {}
+    history: list[dict[str, float]] = []
+    best, best_epoch, best_state, waited = -np.inf, -1, None, 0
+    order_pool = np.arange(len(train))
+    for epoch in range(options.epochs):
+        seg.train()
+        order = rng.permutation(order_pool)
+        total, steps = 0.0, 0
+        batches = range(0, len(order), ctx.batch_size)
+        for start in progress(batches, f"epoch {epoch + 1}/{options.epochs}", total=len(batches)):
+            pos = order[start : start + ctx.batch_size]
+            loss = _step_loss(
+                seg,
+                [train.image(int(i)) for i in pos],
+                [train.mask(int(i)) for i in pos],
+                options,
+                rng,
+                train.modality,
+                cache,
+                [int(train.index[i]) for i in pos],
+            )
+            if loss is None:
+                continue
+            if not torch.isfinite(loss):
+                raise DataError(f"the loss became {loss.item()} at epoch {epoch + 1}; lower lr")
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total, steps = total + loss.item(), steps + 1
+        row = {"epoch": epoch + 1, "loss": total / max(steps, 1)}
+        if val is not None:
+            row["val_dice"] = validation_dice(seg, val, options, ctx)
+            if row["val_dice"] > best:
+                best, best_epoch, waited = row["val_dice"], epoch + 1, 0
+                best_state = {
+                    k: v.detach().clone()
+                    for k, v in seg.state_dict().items()
+                    if k in _trainable_keys(seg)
+                }
+            else:
+                waited += 1
+        history.append(row)
+        status(
+            f"epoch {epoch + 1}: loss {row['loss']:.4f}"
+            + (f", val Dice {row['val_dice']:.3f}" if "val_dice" in row else "")
+        )
+        if val is not None and waited >= options.patience:
+            break
+    if best_state is not None:
+        seg.load_state_dict(best_state, strict=False)
+    seg.eval()
+    return {
+        "history": history,
+        "epochs_run": len(history),
+        "best_epoch": best_epoch if val is not None else len(history),
+        "best_val_dice": None if val is None else float(best),
+        "train_images": len(train),
+        "embeddings_cached": cache is not None,
+    }
+
+
+def _trainable_keys(seg: torch.nn.Module) -> set[str]:
+    names = {n for n, p in seg.named_parameters() if p.requires_grad}
+    return names | {n for n, _ in seg.named_buffers()}

@@ -1,0 +1,239 @@
+"""Segmentation: a promptable segmenter (or a U-Net) predicts masks; Dice, NSD and HD95 judge them.
+
+A run loads the segmenter (seg-models' registry), opens the target, fits with the method (or
+reloads the fit from the run cache), then predicts every test set with prompts derived from its
+references, seeded per image. For box prompts the same record holds the "fill the box" baseline
+on the same boxes: on lesions a jittered reference box alone already scores a high Dice, so a
+box-prompted Dice means little without it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from clinadapt.errors import ConfigError, IncompatibleError
+from clinadapt.evaluation.seg_evaluate import evaluate_segmentation
+from clinadapt.evaluation.seg_metrics import SegTable, score_images
+from clinadapt.progress import status
+from clinadapt.tasks.base import TASKS, Outcome, Task
+
+if TYPE_CHECKING:
+    from clinadapt.config import RunConfig
+    from clinadapt.data.segmentation import SegmentationDataset
+    from clinadapt.methods.base import Context, Method
+    from clinadapt.methods.seg.base import SegMethod, SegPredictions
+    from clinadapt.shifts import ShiftSplit
+
+FILL_BOX = "fill-box"
+CASE_RANKS = ("best", "median", "worst")
+
+
+def fit_key(cfg: RunConfig, method: str, target: str, options: dict, train: Any) -> str:
+    """The cache key of a fit: everything that changes the trained weights."""
+    ident = {
+        "task": "segmentation",
+        "model": cfg.model,
+        "weights": cfg.weights,
+        "pretrained": cfg.pretrained,
+        "method": method,
+        "target": target,
+        "target_options": cfg.target_options,
+        "options": options,
+        "train": train.fingerprint(),
+        "seed": cfg.seed,
+        "batch_size": cfg.batch_size,
+    }
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def pick_cases(table: SegTable) -> dict[str, int]:
+    """Positions of the best, median and worst image by mean Dice over its classes.
+
+    Images whose reference and prediction are both empty (trivially right) are left out.
+    """
+    score = table.image_dice()
+    anything = (table.ref_present | table.pred_present).any(1)
+    pool = np.flatnonzero(anything) if anything.any() else np.arange(len(table))
+    order = pool[np.argsort(score[pool], kind="stable")]
+    return {"best": int(order[-1]), "median": int(order[len(order) // 2]), "worst": int(order[0])}
+
+
+def case_arrays(
+    test: SegmentationDataset, pred: SegPredictions, cases: dict[str, int], prefix: str
+) -> dict[str, np.ndarray]:
+    """Image, reference label map, predicted (C,H,W) masks and prompt of each chosen case."""
+    out: dict[str, np.ndarray] = {}
+    for rank, i in cases.items():
+        image, ref = test.pair(i)
+        key = f"{prefix}/{rank}"
+        out[f"{key}/image"] = image
+        out[f"{key}/reference"] = ref
+        out[f"{key}/prediction"] = pred.masks[i]
+        out[f"{key}/position"] = np.array(i)
+        p = pred.prompts[i] if pred.prompts else None
+        if p is not None and p.boxes is not None:
+            out[f"{key}/boxes"] = np.asarray(p.boxes)
+        if p is not None and p.points is not None:
+            out[f"{key}/points"] = np.asarray(p.points)
+            out[f"{key}/point_labels"] = np.asarray(p.point_labels)
+    return out
+
+
+@TASKS.register("segmentation", help="2D segmentation: label maps, promptable segmenters, Dice")
+class SegmentationTask(Task):
+    name = "segmentation"
+    summary_metrics = ("dice", "dice_present", "nsd", "hd95")
+    evaluation_parts = ("subgroups", "ci", "size_bins", "baselines", "cases", "warnings")
+    default_model = "tiny-sam"
+    default_data = "clinical-shift-seg"
+
+    def _segmenter(self, cfg: RunConfig, method: SegMethod, options: Any, split: ShiftSplit):
+        from clinadapt.segmentation import load_segmenter
+        from clinadapt.targets import TargetInfo, apply_target
+        from clinadapt.targets.base import count_parameters
+
+        seg = load_segmenter(
+            cfg.model, weights=cfg.weights, pretrained=cfg.pretrained, device=cfg.device
+        )
+        if getattr(options, "prompt", None) == "none":  # prompt-free: a learned prompt per class
+            seg.add_default_prompt(split.train.class_names)
+        target = cfg.target or method.default_target
+        if target == "none":
+            for p in seg.parameters():
+                p.requires_grad_(False)
+            _, total = count_parameters(seg)
+            return seg, TargetInfo(spec="none", trainable=0, total=total)
+        return seg, apply_target(seg, target, cfg.target_options)
+
+    def _unet(self, cfg: RunConfig, method: SegMethod, options: Any, split: ShiftSplit, ctx):
+        from clinadapt.targets import TargetInfo
+        from clinadapt.targets.base import count_parameters
+
+        if cfg.target not in (None, method.default_target):
+            raise ConfigError(
+                f"{method.name} trains its whole network from scratch; leave target unset"
+            )
+        if cfg.model != method.default_model:
+            raise ConfigError(
+                f"{method.name} brings its own network ({method.default_model}); leave model "
+                f"unset instead of {cfg.model!r}"
+            )
+        net = method.build(split.train, options, ctx)
+        trainable, total = count_parameters(net)
+        return net, TargetInfo(spec=method.default_target, trainable=trainable, total=total)
+
+    def run(
+        self,
+        cfg: RunConfig,
+        method: Method,
+        split: ShiftSplit,
+        ctx: Context,
+        timings: dict[str, float],
+    ) -> Outcome:
+        import time
+
+        from clinadapt.targets import load_adapted, save_adapted
+
+        if method.kind != "fit":
+            raise IncompatibleError(
+                f"{method.name}: only fit methods run on segmentation data so far"
+            )
+        t = time.perf_counter()
+        opts = method.parse_options(cfg.method_options)
+        if method.uses_segmenter:
+            model, info = self._segmenter(cfg, method, opts, split)
+        else:
+            model, info = self._unet(cfg, method, opts, split, ctx)
+        base = cfg.model if method.uses_segmenter else model.name
+        key = fit_key(cfg, method.name, info.spec, opts.model_dump(), split.train)
+        ckpt = Path(cfg.out_dir) / "cache" / f"fit-{key}.safetensors"
+        if info.trainable == 0:
+            summary = method.fit(model, split.train, split.val, opts, ctx)
+        elif ckpt.exists():
+            status(f"reusing trained model {ckpt.name}")
+            load_adapted(model, ckpt, device=cfg.device)
+            summary = {"reused": ckpt.name}
+        else:
+            status(
+                f"training {base} with {method.name} on {split.train.name} "
+                f"({len(split.train)} images, target {info.spec})"
+            )
+            summary = method.fit(model, split.train, split.val, opts, ctx)
+            save_adapted(model, ckpt, base=base, target=info)
+            summary["checkpoint"] = ckpt.name
+        timings["fit_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        preds = {name: method.predict(model, test, opts, ctx) for name, test in split.tests.items()}
+        timings["evaluate_s"] = time.perf_counter() - t
+        parts: dict[str, Any] = {"training": summary}
+        if method.uses_segmenter:
+            from clinadapt.methods.seg.base import describe_prompts
+
+            parts["prompts"] = describe_prompts(opts)
+        return Outcome(
+            model=model.describe(),
+            target=info.to_dict(),
+            method={"name": method.name, "kind": method.kind, "options": opts.model_dump()},
+            predictions={"sets": preds, "arrays": {}},
+            parts=parts,
+        )
+
+    def evaluate(
+        self, outcome: Outcome, split: ShiftSplit, cfg: RunConfig
+    ) -> dict[str, dict[str, Any]]:
+        """Per set: metrics, size bins, subgroups, CIs; the fill-box baseline for box prompts
+        (``baselines``); the best, median and worst image (``cases``, arrays for the report)."""
+        from clinadapt.methods.seg.base import fill_boxes
+
+        ev = cfg.evaluation
+        out: dict[str, dict[str, Any]] = {}
+        arrays = outcome.predictions["arrays"]
+        for name, pred in outcome.predictions["sets"].items():
+            test = split.tests[name]
+            refs = [test.mask(i) for i in range(len(test))]
+            table = score_images(
+                pred.masks, refs, test.spacing, test.class_names, ev.nsd_tolerance_mm
+            )
+            settings = {
+                "n_boot": ev.n_boot,
+                "alpha": ev.alpha,
+                "seed": cfg.seed,
+                "size_edges_mm": ev.size_edges_mm,
+                "nsd_tolerance_mm": ev.nsd_tolerance_mm,
+            }
+            out[name] = evaluate_segmentation(
+                table, test.metadata, subgroup_keys=ev.subgroup_keys, **settings
+            )
+            if any(p is not None and p.boxes is not None for p in pred.prompts):
+                filled = [
+                    fill_boxes(p, r.shape, test.num_classes)
+                    for p, r in zip(pred.prompts, refs, strict=True)
+                ]
+                fb = score_images(filled, refs, test.spacing, test.class_names, ev.nsd_tolerance_mm)
+                fb_eval = evaluate_segmentation(fb, test.metadata, subgroup_keys=(), **settings)
+                out[name]["baselines"] = {
+                    FILL_BOX: {k: fb_eval[k] for k in ("metrics", "ci") if k in fb_eval}
+                }
+            cases = pick_cases(table)
+            out[name]["cases"] = {
+                rank: {"position": i, "dice": float(table.image_dice()[i])}
+                for rank, i in cases.items()
+            }
+            arrays.update(case_arrays(test, pred, cases, f"cases/{name}"))
+            for field in ("dice", "iou", "nsd", "hd95", "ref_area", "pred_area", "spacing"):
+                arrays[f"table/{name}/{field}"] = getattr(table, field)
+        return out
+
+    def write(self, out_dir: str, record: dict[str, Any], outcome: Outcome) -> None:
+        """The per-image tables and the overlay cases (.npz), then the record."""
+        from clinadapt.store import write_arrays, write_record
+
+        out = Path(out_dir)
+        arrays = outcome.predictions["arrays"]
+        write_arrays(out / "predictions" / f"{record['run_id']}.npz", **arrays)
+        write_record(out / f"{record['run_id']}.json", record)

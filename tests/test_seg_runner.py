@@ -1,0 +1,171 @@
+"""Segmentation runs end to end on tiny SAM configs: records, baselines, cache, protocols."""
+
+import numpy as np
+import pytest
+
+from clinadapt.config import RunConfig, load_config
+from clinadapt.data.synthetic_seg import make_clinical_shift_seg
+from clinadapt.errors import ConfigError, DataError, IncompatibleError
+from clinadapt.evaluation.seg_metrics import score_images, summarise_table
+from clinadapt.methods.base import Context
+from clinadapt.methods.seg.base import PromptOptions, fill_boxes, predict_with_prompts
+from clinadapt.methods.seg.sam import few_shot_images
+from clinadapt.runner import run_experiment
+from clinadapt.segmentation import load_segmenter
+
+SMALL = {
+    "shift": "domain",
+    "shift_options": {"source": "site-a", "target_split": "test"},
+    "data_options": {"patients_per_site": 8},
+    "evaluation": {"n_boot": 10},
+    "batch_size": 8,
+}
+
+
+def run(tmp_path, method, **over):
+    return run_experiment(
+        load_config(None, method=method, out_dir=str(tmp_path), **{**SMALL, **over})
+    )
+
+
+@pytest.fixture(scope="module")
+def zeroshot(tmp_path_factory):
+    out = tmp_path_factory.mktemp("zs")
+    return out, run(out, "seg-zeroshot")
+
+
+def test_config_defaults_follow_the_method_task():
+    assert (RunConfig().model, RunConfig().data) == ("tiny-resnet", "clinical-shift")
+    seg = RunConfig(method="seg-finetune")
+    assert (seg.model, seg.data) == ("tiny-sam", "clinical-shift-seg")
+    assert RunConfig(method="unet").model == "monai-unet"
+    assert RunConfig(method="seg-zeroshot", model="tiny-medsam").model == "tiny-medsam"
+    # the defaults resolve to values: a classification run keeps its identity
+    assert RunConfig(model="tiny-resnet", data="clinical-shift").run_id() == RunConfig().run_id()
+
+
+def test_zero_shot_record(zeroshot):
+    _, rec = zeroshot
+    assert rec["task"] == "segmentation" and rec["method"]["name"] == "seg-zeroshot"
+    assert rec["model"]["name"] == "tiny-sam" and rec["target"]["trainable"] == 0
+    assert set(rec["metrics"]) == {"site-a", "site-b", "site-c", "site-d"}
+    for key in ("dice", "dice_present", "nsd", "hd95", "dice/lesion", "false_detection"):
+        assert key in rec["metrics"]["site-b"]
+    assert set(rec["summary"]) == {"dice", "dice_present", "nsd", "hd95"}
+    assert rec["summary"]["dice"]["in_domain"] == pytest.approx(rec["metrics"]["site-a"]["dice"])
+    assert rec["ci"]["site-b"]["unit"] == "patient"
+    assert rec["prompts"]["prompt"] == "box" and rec["prompts"]["jitter"] == 20
+    assert "lesion" in rec["size_bins"]["site-c"]
+    assert rec["data"]["spacing_origin"].startswith("simulated")
+
+
+def test_fill_box_baseline_is_the_filled_evaluation_boxes(zeroshot):
+    out, rec = zeroshot
+    cfg = load_config(None, method="seg-zeroshot", out_dir=str(out), **SMALL)
+    test = make_clinical_shift_seg(patients_per_site=8).where(domain="site-b", split="test")
+    seg = load_segmenter("tiny-sam")
+    pred = predict_with_prompts(seg, test, PromptOptions(), Context(seed=cfg.seed))
+    refs = [test.mask(i) for i in range(len(test))]
+    filled = [fill_boxes(p, r.shape, 2) for p, r in zip(pred.prompts, refs, strict=True)]
+    by_hand = summarise_table(score_images(filled, refs, test.spacing, test.class_names))
+    got = rec["baselines"]["site-b"]["fill-box"]["metrics"]
+    assert got["dice"] == pytest.approx(by_hand["dice"])
+    assert got["dice_present"] == pytest.approx(by_hand["dice_present"])
+    # and the run's own predictions are those of the same prompts
+    own = summarise_table(score_images(pred.masks, refs, test.spacing, test.class_names))
+    assert rec["metrics"]["site-b"]["dice"] == pytest.approx(own["dice"])
+
+
+def test_cases_and_tables_are_written(zeroshot):
+    out, rec = zeroshot
+    cases = rec["cases"]["site-c"]
+    assert cases["best"]["dice"] >= cases["median"]["dice"] >= cases["worst"]["dice"]
+    npz = np.load(out / "predictions" / f"{rec['run_id']}.npz")
+    assert npz["cases/site-c/worst/image"].dtype == np.uint8
+    assert npz["cases/site-c/worst/prediction"].shape[0] == 2  # (C, H, W)
+    assert npz["cases/site-c/best/boxes"].shape[1] == 4
+    n = rec["shift"]["tests"]["site-c"]
+    assert npz["table/site-c/dice"].shape == (n, 2)
+    assert int(npz["cases/site-c/best/position"]) == cases["best"]["position"]
+
+
+def test_prompts_are_the_same_for_every_method_and_corrupted_copy():
+    ds = make_clinical_shift_seg(patients_per_site=6).where(domain="site-a")
+    from clinadapt.shifts import corrupted
+
+    a = predict_with_prompts(load_segmenter("tiny-sam"), ds, PromptOptions(), Context(seed=3))
+    b = predict_with_prompts(
+        load_segmenter("tiny-medsam"), corrupted(ds, "blur", 4), PromptOptions(), Context(seed=3)
+    )
+    for pa, pb in zip(a.prompts, b.prompts, strict=True):
+        if pa.count:
+            assert np.array_equal(pa.boxes, pb.boxes)
+    c = predict_with_prompts(load_segmenter("tiny-sam"), ds, PromptOptions(), Context(seed=4))
+    assert any(
+        not np.array_equal(pa.boxes, pc.boxes)
+        for pa, pc in zip(a.prompts, c.prompts, strict=True)
+        if pa.count
+    )
+
+
+def test_finetune_trains_then_reuses_its_fit(tmp_path):
+    rec = run(tmp_path, "seg-finetune", method_options={"epochs": 2})
+    assert rec["target"]["spec"] == "image-encoder+decoder"  # MedSAM: prompt encoder frozen
+    hist = rec["training"]["history"]
+    assert len(hist) == 2 and "val_dice" in hist[0] and "checkpoint" in rec["training"]
+    again = run(tmp_path, "seg-finetune", method_options={"epochs": 2})
+    assert "reused" in again["training"]
+    assert again["metrics"]["site-b"]["dice"] == pytest.approx(rec["metrics"]["site-b"]["dice"])
+
+
+def test_learned_default_prompt_runs_prompt_free(tmp_path):
+    rec = run(
+        tmp_path,
+        "seg-finetune",
+        method_options={"epochs": 1, "prompt": "none"},
+        target="prompt-encoder+decoder",
+    )
+    assert rec["prompts"]["prompt"] == "none" and "baselines" not in rec
+    assert rec["model"]["default_prompt"] == ["lung", "lesion"]
+    with pytest.raises(ConfigError, match="learned default prompt"):
+        run(tmp_path, "seg-zeroshot", method_options={"prompt": "none"})
+
+
+def test_few_shot_sees_k_images_of_k_patients(tmp_path):
+    train = make_clinical_shift_seg(patients_per_site=20, classes=["lesion"]).split("train")
+    two, four = few_shot_images(train, 2, seed=1), few_shot_images(train, 4, seed=1)
+    assert set(two) <= set(four)  # nested across K
+    pid = train.meta("patient_id")
+    assert len(set(pid[four])) == 4 and train.labels[four].all()  # K patients, all annotated
+    with pytest.raises(DataError, match="need 500 patients"):
+        few_shot_images(train, 500, seed=0)
+    rec = run(tmp_path, "seg-fewshot", method_options={"shots": 2, "epochs": 1})
+    support = rec["training"]["support"]
+    assert support["images"] == 2 and len(support["patients"]) == 2
+    # K labelled images is all it sees: no labelled validation set picks its epoch
+    assert rec["training"]["best_val_dice"] is None and rec["target"]["spec"] == "decoder"
+
+
+def test_unet_baseline_from_scratch(tmp_path):
+    rec = run(tmp_path, "unet", method_options={"epochs": 2, "channels": [8, 16]})
+    assert rec["model"]["name"] == "monai-unet" and rec["target"]["fraction"] == 1.0
+    assert "baselines" not in rec and "prompts" not in rec
+    assert rec["training"]["history"][1]["loss"] < rec["training"]["history"][0]["loss"]
+    with pytest.raises(ConfigError, match="brings its own network"):
+        run(tmp_path, "unet", model="tiny-sam")
+
+
+def test_methods_and_data_of_different_tasks_are_refused(tmp_path):
+    with pytest.raises(IncompatibleError, match=r"segmentation method.*classification data"):
+        run(tmp_path, "seg-zeroshot", data="clinical-shift")
+    with pytest.raises(IncompatibleError, match=r"classification method.*segmentation data"):
+        run(tmp_path, "finetune", data="clinical-shift-seg")
+
+
+def test_fill_boxes_by_hand():
+    from clinadapt.segmentation import Prompts
+
+    p = Prompts(boxes=np.array([[1.0, 2.0, 3.0, 4.0]]), class_ids=np.array([2]))
+    out = fill_boxes(p, (6, 6), 2)
+    assert not out[0].any() and out[1].sum() == 3 * 3 and out[1][2:5, 1:4].all()
+    assert not fill_boxes(None, (6, 6), 2).any()
