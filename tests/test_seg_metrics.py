@@ -180,3 +180,38 @@ def test_evaluate_subgroups_patient_bootstrap_and_warnings():
 def test_directions():
     assert lower_is_better("hd95") and lower_is_better("hd95/lesion")
     assert not lower_is_better("dice/lesion") and lower_is_better("false_detection")
+
+
+def test_image_parts_reproduce_every_headline_metric():
+    from clinadapt.evaluation.seg_metrics import image_parts, table_from_arrays
+
+    rng = np.random.default_rng(3)
+    refs, preds = [], []
+    for _ in range(9):
+        ref = np.zeros((12, 12), np.uint8)
+        pred = np.zeros((12, 12), np.uint8)
+        for m in (ref, pred):
+            if rng.random() < 0.7:
+                r, c = rng.integers(0, 8, 2)
+                m[r : r + 4, c : c + 4] = rng.integers(1, 3)
+        refs.append(ref)
+        preds.append(pred)
+    table = score_images(preds, refs, np.ones((9, 2)), ["organ", "lesion"])
+    s = summarise_table(table)
+    rows = np.array([0, 0, 3, 5, 8, 8, 8])  # a resample with repeats
+    sub = summarise_table(table.take(rows))
+    for metric in s:
+        num, den = image_parts(table, metric)
+        for value, idx in ((s[metric], slice(None)), (sub[metric], rows)):
+            got = num[idx].sum() / den[idx].sum() if den[idx].sum() else math.nan
+            assert got == pytest.approx(value, nan_ok=True), metric
+    arrays = {
+        f"table/t/{f}": getattr(table, f)
+        for f in ("dice", "iou", "nsd", "hd95", "ref_area", "pred_area", "spacing")
+    }
+    again = table_from_arrays(arrays, "t", ["organ", "lesion"])
+    assert summarise_table(again) == pytest.approx(s, nan_ok=True)
+    with pytest.raises(DataError, match="no per-image table of 'u'"):
+        table_from_arrays(arrays, "u", ["organ", "lesion"])
+    with pytest.raises(DataError, match="unknown segmentation metric"):
+        image_parts(table, "accuracy")

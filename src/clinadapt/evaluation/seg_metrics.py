@@ -270,3 +270,58 @@ def size_bins(
             }
         out[cls] = bins
     return out
+
+
+def image_parts(table: SegTable, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per image, numerator and denominator of a headline metric: over any set of images,
+    ``num.sum() / den.sum()`` is :func:`summarise_table`'s value (a bootstrap of images or
+    patients, or a pool of several test sets and seeds, resamples these rows).
+
+    ``metric`` is a key of :func:`summarise_table` (``dice``, ``dice_present``, ``hd95``,
+    ``dice/<class>``, ...).
+    """
+    name, _, cls = metric.partition("/")
+    cols = slice(None)
+    if cls:
+        if cls not in table.class_names:
+            raise DataError(f"metric {metric!r}: no class {cls!r} in {table.class_names}")
+        c = table.class_names.index(cls)
+        cols = slice(c, c + 1)
+    present, pred = table.ref_present[:, cols], table.pred_present[:, cols]
+    if name in ("dice", "iou", "nsd"):
+        v = getattr(table, name)[:, cols]
+        return v.sum(1), np.full(len(v), float(v.shape[1]))
+    if name == "dice_present":
+        v = table.dice[:, cols]
+        return np.where(present, v, 0.0).sum(1), present.sum(1).astype(float)
+    if name == "hd95":
+        v = table.hd95[:, cols]
+        ok = np.isfinite(v)
+        return np.where(ok, v, 0.0).sum(1), ok.sum(1).astype(float)
+    if name == "hd95_missing":
+        anything = present | pred
+        return (table.hd95_missing[:, cols] & anything).sum(1).astype(float), anything.sum(
+            1
+        ).astype(float)
+    if name == "false_detection":
+        return (pred & ~present).sum(1).astype(float), (~present).sum(1).astype(float)
+    raise DataError(f"unknown segmentation metric {metric!r}")
+
+
+def table_from_arrays(
+    arrays: dict[str, np.ndarray], test_set: str, class_names: list[str]
+) -> SegTable:
+    """The :class:`SegTable` of ``test_set`` from a run's predictions file (``table/<set>/...``)."""
+    key = f"table/{test_set}/"
+    missing = [
+        f for f in (*TABLE_METRICS, "ref_area", "pred_area", "spacing") if key + f not in arrays
+    ]
+    if missing:
+        raise DataError(f"the predictions hold no per-image table of {test_set!r} ({missing})")
+    return SegTable(
+        *(
+            np.asarray(arrays[key + f])
+            for f in (*TABLE_METRICS, "ref_area", "pred_area", "spacing")
+        ),
+        class_names=list(class_names),
+    )
