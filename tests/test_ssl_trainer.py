@@ -154,8 +154,7 @@ def test_lr_schedule_and_batches():
 
 def test_pool_and_image_loading():
     ds = make_clinical_shift(seed=0, patients_per_site=6)
-    cfg_all = make_config()
-    assert len(unlabelled_pool(ds, cfg_all)) == len(ds)
+    assert len(unlabelled_pool(ds, make_config(transductive=True))) == len(ds)
     only = unlabelled_pool(ds, make_config(domains=["site-b"], splits=["train"]))
     assert set(only.meta("domain")) == {"site-b"} and set(only.meta("split")) == {"train"}
     pp = load_model("tiny-vit").preprocess
@@ -167,6 +166,43 @@ def test_pool_and_image_loading():
         "big", ArraySource(np.zeros((2, 200, 100), np.uint8)), np.array([0, 1]), ["a", "b"]
     )
     assert load_images(big, np.arange(2), pp).shape == (2, 3, 64, 32)
+
+
+def test_pretraining_never_sees_the_probe_test_images_by_default():
+    ds = make_clinical_shift(seed=0, patients_per_site=6)
+    pool = unlabelled_pool(ds, make_config())
+    assert set(pool.meta("split")) == {"train", "val"}
+    assert len(pool) == int(np.isin(ds.meta("split"), ["train", "val"]).sum())
+    with pytest.raises(ConfigError, match="transductive=true"):
+        unlabelled_pool(ds, make_config(splits=["train", "test"]))
+    with pytest.raises(ConfigError, match="not in"):
+        unlabelled_pool(ds, make_config(splits=["training"]))
+    everything = unlabelled_pool(ds, make_config(splits=["train", "test"], transductive=True))
+    assert set(everything.meta("split")) == {"train", "test"}
+    # without split metadata the pool is the train and val parts of the probe's seeded split
+    bare = make_clinical_shift(seed=0, patients_per_site=6)
+    bare.metadata.pop("split")
+    _, _, test = split_for_eval(bare, seed=3)
+    pool = unlabelled_pool(bare, make_config(seed=3))
+    assert len(pool) + len(test) == len(bare)
+    assert not set(pool.index) & set(test.index)
+
+
+def test_summary_says_what_was_pretrained_on_and_where_the_probe_ran(tmp_path):
+    s = pretrain(cfg(tmp_path, max_steps=1, eval_baseline=True))
+    pool = s["data"]["pool"]
+    assert pool["transductive"] is False and pool["test_images"] == 0
+    assert set(pool["images_by_split"]) == {"train", "val"}
+    for key in ("eval", "eval_baseline"):
+        seen = s[key]["evaluated_on"]
+        assert seen["split"] == "test" and seen["images"] == s[key]["images"]["test"]
+        assert seen["pretrained_on_test_images"] == 0
+    t = pretrain(cfg(tmp_path, name="transductive", max_steps=1, transductive=True))
+    assert t["data"]["pool"]["transductive"] is True
+    n_test = t["eval"]["images"]["test"]
+    assert t["data"]["pool"]["test_images"] == n_test > 0
+    assert t["eval"]["evaluated_on"]["pretrained_on_test_images"] == n_test
+    assert t["config"]["transductive"] is True
 
 
 def test_linear_probe_matches_sklearn():

@@ -569,6 +569,17 @@ def pretrain(
                 f"{ev['knn']['balanced_accuracy']:.3f}",
             )
     console.print(table)
+    if "eval" in summary:
+        seen = summary["eval"]["evaluated_on"]
+        pool = summary["data"]["pool"]
+        console.print(
+            f"probe on the {seen['split']} split ({seen['images']} images, "
+            + (
+                f"{pool['test_images']} of them pre-trained on: transductive)"
+                if pool["transductive"]
+                else "none of them pre-trained on)"
+            )
+        )
     console.print(
         f"{summary['steps']} steps, loss {summary['loss_first']:.4f} -> {summary['loss_last']:.4f}"
     )

@@ -37,7 +37,14 @@ class PretrainConfig(BaseModel):
         None, description="unlabelled images from these domains only (default: all)"
     )
     splits: list[str] | None = Field(
-        None, description="unlabelled images from these splits only (default: all)"
+        None,
+        description="unlabelled images from these splits only (default: the probe's train "
+        "and val parts, never its test images)",
+    )
+    transductive: bool = Field(
+        False,
+        description="also pre-train on the test images the probe is evaluated on (unlabelled); "
+        "the summary records it",
     )
     out_dir: str = Field(
         "clinadapt-pretrain", description="folder for checkpoint, weights, summary"
@@ -82,6 +89,7 @@ class PretrainConfig(BaseModel):
                 "pretrained",
                 "domains",
                 "splits",
+                "transductive",
                 "batch_size",
                 "seed",
             }

@@ -95,10 +95,19 @@ def knn_predict_proba(
     return (votes / votes.sum(1, keepdim=True)).numpy()
 
 
-def split_for_eval(ds: ClinicalDataset, seed: int = 0) -> tuple[ClinicalDataset, ...]:
-    """(train, val, test) from the ``split`` metadata, else a seeded 60/20/20 stratified split."""
-    if {"train", "val", "test"} <= set(ds.splits):
-        return ds.split("train"), ds.split("val"), ds.split("test")
+EVAL_SPLITS = ("train", "val", "test")
+
+
+def eval_positions(ds: ClinicalDataset, seed: int = 0) -> dict[str, np.ndarray]:
+    """Positions in ``ds`` of the probe's train, val and test parts.
+
+    The ``split`` metadata when it has all three, else a seeded 60/20/20 split stratified by
+    label. Pre-training takes its default pool from the same parts (train and val), so the
+    probe's test images are never pre-trained on unless the run says ``transductive``.
+    """
+    if set(EVAL_SPLITS) <= set(ds.splits):
+        split = ds.meta("split")
+        return {name: np.flatnonzero(split == name) for name in EVAL_SPLITS}
     rng = np.random.default_rng(seed)
     parts: list[list[int]] = [[], [], []]
     for c in np.unique(ds.labels):
@@ -108,16 +117,27 @@ def split_for_eval(ds: ClinicalDataset, seed: int = 0) -> tuple[ClinicalDataset,
             part.extend(chunk.tolist())
     if not all(parts):
         raise DataError(f"{ds.name}: too few labelled images for a train/val/test evaluation")
-    return tuple(
-        ds.subset(np.sort(p), name=f"{ds.name}/{n}")
-        for p, n in zip(parts, ("train", "val", "test"), strict=True)
-    )
+    return {name: np.sort(np.array(p)) for name, p in zip(EVAL_SPLITS, parts, strict=True)}
+
+
+def split_for_eval(ds: ClinicalDataset, seed: int = 0) -> tuple[ClinicalDataset, ...]:
+    """(train, val, test) from the ``split`` metadata, else a seeded 60/20/20 stratified split."""
+    pos = eval_positions(ds, seed)
+    return tuple(ds.subset(pos[n], name=f"{ds.name}/{n}") for n in EVAL_SPLITS)
 
 
 def evaluate_backbone(
-    model: FoundationModel, ds: ClinicalDataset, seed: int = 0, batch_size: int = 128
+    model: FoundationModel,
+    ds: ClinicalDataset,
+    seed: int = 0,
+    batch_size: int = 128,
+    pretrained_on: ClinicalDataset | None = None,
 ) -> dict[str, Any]:
-    """Linear-probe and k-NN balanced accuracy on the test split, from frozen features."""
+    """Linear-probe and k-NN balanced accuracy on the test split, from frozen features.
+
+    ``evaluated_on`` says which split the numbers come from and, given the pre-training pool
+    ``pretrained_on``, how many of its images the backbone saw (unlabelled) while training.
+    """
     if ds.task == "multilabel":
         raise DataError(f"{ds.name}: the probe evaluation handles single-label tasks only")
     train, val, test = split_for_eval(ds, seed)
@@ -131,8 +151,17 @@ def evaluate_backbone(
         "k": min(KNN_K, len(xtr)),
         "temperature": KNN_T,
     }
+    evaluated_on: dict[str, Any] = {
+        "split": "test",
+        "images": len(test),
+        "from": "split metadata" if set(EVAL_SPLITS) <= set(ds.splits) else "seeded 60/20/20",
+    }
+    if pretrained_on is not None:
+        seen = int(np.isin(test.index, pretrained_on.index).sum())
+        evaluated_on["pretrained_on_test_images"] = seen
     return {
         "linear_probe": probe,
         "knn": knn,
         "images": {"train": len(train), "val": len(val), "test": len(test)},
+        "evaluated_on": evaluated_on,
     }

@@ -26,7 +26,7 @@ from clinadapt.ssl import checkpoint as ckpt
 from clinadapt.ssl.augment import Augmenter, policy_for_modality
 from clinadapt.ssl.base import SSL_METHODS, SSLMethod
 from clinadapt.ssl.config import PretrainConfig
-from clinadapt.ssl.evaluate import evaluate_backbone
+from clinadapt.ssl.evaluate import eval_positions, evaluate_backbone
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -38,16 +38,49 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
 
 
 def unlabelled_pool(ds: ClinicalDataset, cfg: PretrainConfig) -> ClinicalDataset:
-    """The images pre-training sees: all of ``ds`` unless domains/splits narrow it."""
-    filters: dict[str, list[str]] = {}
-    if cfg.domains:
-        filters["domain"] = cfg.domains
+    """The images pre-training sees: the probe's train and val parts, narrowed by domains.
+
+    ``transductive`` adds the probe's test images; ``splits`` names the splits instead, and
+    naming the test split needs ``transductive`` too, so test images never enter by default.
+    """
+    parts = eval_positions(ds, cfg.seed)
     if cfg.splits:
-        filters["split"] = cfg.splits
-    pool = ds.where(**filters) if filters else ds
-    if len(pool) < 2:
-        raise DataError(f"{ds.name}: pre-training needs at least 2 images, found {len(pool)}")
-    return pool
+        unknown = sorted(set(cfg.splits) - set(ds.splits))
+        if unknown:
+            raise ConfigError(
+                f"splits {unknown} are not in {ds.name}; its splits: {ds.splits or 'none'}"
+            )
+        keep = np.isin(ds.meta("split"), cfg.splits)
+        if keep[parts["test"]].any() and not cfg.transductive:
+            raise ConfigError(
+                f"splits {cfg.splits} include the test images the probe is evaluated on; set "
+                "transductive=true to pre-train on them (the summary records it)"
+            )
+    elif cfg.transductive:
+        keep = np.ones(len(ds), dtype=bool)
+    else:
+        keep = np.zeros(len(ds), dtype=bool)
+        keep[parts["train"]] = keep[parts["val"]] = True
+    if cfg.domains:
+        keep &= np.isin(ds.meta("domain"), cfg.domains)
+    if keep.sum() < 2:
+        raise DataError(f"{ds.name}: pre-training needs at least 2 images, found {int(keep.sum())}")
+    return ds.subset(np.flatnonzero(keep), name=f"{ds.name} (unlabelled pool)")
+
+
+def pool_protocol(ds: ClinicalDataset, pool: ClinicalDataset, cfg: PretrainConfig) -> dict:
+    """What the pre-training pool holds, by split, and whether it is transductive."""
+    counts: dict[str, int] = {}
+    if ds.has_meta("split"):
+        names, n = np.unique(pool.meta("split"), return_counts=True)
+        counts = dict(zip(names.tolist(), n.tolist(), strict=True))
+    test = ds.subset(eval_positions(ds, cfg.seed)["test"])
+    return {
+        "images_by_split": counts,
+        "domains": cfg.domains or "all",
+        "test_images": int(np.isin(pool.index, test.index).sum()),
+        "transductive": cfg.transductive,
+    }
 
 
 def batch_positions(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
@@ -186,7 +219,9 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         baseline = state.get("baseline")
         status(f"pretrain: resuming {state_path} at step {start}")
     elif cfg.evaluate and cfg.eval_baseline:
-        baseline = evaluate_backbone(method.export_backbone(), ds, seed=cfg.seed)
+        baseline = evaluate_backbone(
+            method.export_backbone(), ds, seed=cfg.seed, pretrained_on=pool
+        )
 
     t0 = time.perf_counter()
 
@@ -269,6 +304,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
             "name": ds.name,
             "modality": ds.modality,
             "unlabelled_images": len(pool),
+            "pool": pool_protocol(ds, pool, cfg),
             "fingerprint": ds.fingerprint(),
         },
         "config": cfg.model_dump(),
@@ -286,7 +322,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         + ")",
     }
     if cfg.evaluate:
-        summary["eval"] = evaluate_backbone(exported, ds, seed=cfg.seed)
+        summary["eval"] = evaluate_backbone(exported, ds, seed=cfg.seed, pretrained_on=pool)
         if baseline is not None:
             summary["eval_baseline"] = baseline
     ckpt.write_summary(out / ckpt.SUMMARY_FILE, summary)
