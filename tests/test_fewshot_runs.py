@@ -16,6 +16,7 @@ from clinadapt.fewshot_sweep import parse_seeds, run_fewshot_sweep, sweep_table
 from clinadapt.methods import METHODS, Context, predict_proba
 from clinadapt.methods.finetune import load_checkpoint
 from clinadapt.models import load_model
+from clinadapt.record import load_record
 from clinadapt.runner import run_experiment
 from clinadapt.targets import apply_target
 
@@ -42,8 +43,8 @@ def test_run_writes_a_record_and_a_rerun_restores_it(tmp_path, method, model):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     (path,) = tmp_path.glob("*.json")
-    record = json.loads(path.read_text())
-    assert record["status"] == "ok" and record["method"]["name"] == method
+    record = load_record(path, run_id=path.stem)
+    assert record["method"]["name"] == method
     assert set(record["metrics"]) == {"site-a", "site-b", "site-c", "site-d"}
     assert record["method"]["options"]["shots"] == 2
     if method.startswith("tip-adapter"):
@@ -137,16 +138,40 @@ def test_sweep_with_too_many_shots_fails_before_embedding(tmp_path):
     assert not list(tmp_path.glob("**/*.safetensors")) and not list(tmp_path.glob("*.json"))
 
 
+def _assert_same(a, b, where=""):
+    """Two JSON trees equal, floats to 1e-6."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), (where, sorted(a), sorted(b))
+        for k in a:
+            _assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_same(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) and isinstance(b, float):
+        assert a == pytest.approx(b, abs=1e-6), where
+    else:
+        assert a == b, (where, a, b)
+
+
 def test_sweep_record_equals_a_single_run(tmp_path):
-    """The sweep (cached rows of one pass) and `run` (its own forward passes) agree."""
+    """The sweep (cached rows of one pass) and `run` (its own forward passes) write the same
+    record: every metric, subgroup, bootstrap CI and selective-prediction figure, with the
+    run's evaluation settings."""
     base = _sweep_base(tmp_path / "sweep", model="tiny-resnet")
+    base = base.model_copy(update={"evaluation": base.evaluation.model_copy(update={"n_boot": 50})})
     (rec,) = run_fewshot_sweep(base, ["prototype"], [2], [1]).records
     cfg = RunConfig(**{**rec["config"], "out_dir": str(tmp_path / "run")})
     single = run_experiment(cfg)
     assert single["run_id"] == rec["run_id"]
-    for name, metrics in single["metrics"].items():
-        for key in ("balanced_accuracy", "accuracy", "auroc"):
-            assert rec["metrics"][name][key] == pytest.approx(metrics[key], abs=1e-6)
+    assert set(rec) == set(single) | {"fewshot"}
+    assert rec["ci"]["site-b"]["accuracy"]["n_boot"] == 50  # the run's evaluation settings
+    for part in ("metrics", "summary", "subgroups", "ci", "selective", "data", "shift"):
+        _assert_same(rec[part], single[part], part)
+    for part in ("target", "method", "model"):
+        _assert_same(rec[part], single[part], part)
+    assert rec["target"]["changes"] == "class-mean prototypes (no training)"
+    assert rec["target"]["trainable"] == 0
 
 
 def test_sweep_table_is_mean_and_sample_sd():

@@ -48,8 +48,13 @@ def _record(out, method, seed, shift, sets, source=None):
     }
     rec = {
         "run_id": run_id,
+        "created": "2026-01-01T00:00:00+00:00",
         "config": cfg,
         "seed": seed,
+        "versions": {},
+        "data": {},
+        "model": {},
+        "method": {"name": method},
         "shift": {"protocol": shift, "options": {"source": ["site-a"]}, "in_domain": in_domain},
         "target": {"spec": "full"},
         "metrics": {k: e["metrics"] for k, e in evals.items()},

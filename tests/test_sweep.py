@@ -207,3 +207,18 @@ def test_cli_dry_run_and_corruption_listing(tmp_path):
 
 def test_sweep_module_has_no_ray_import_at_load():
     assert "ray" not in vars(sweep_mod)
+
+
+def test_dry_run_counts_only_complete_records_of_the_run(tmp_path):
+    """A stub, a truncated file or another run's record under a run's name is not done."""
+    spec = load_sweep(_write(tmp_path))
+    configs = spec.configs()[:4]
+    out = Path(spec.out_dir)
+    run_id, error = sweep_mod.run_one(configs[0].model_dump())
+    assert error is None
+    real = (out / f"{run_id}.json").read_text()
+    (out / f"{configs[1].run_id()}.json").write_text('{"status": "ok"}')
+    (out / f"{configs[2].run_id()}.json").write_text(real[: len(real) // 2])
+    (out / f"{configs[3].run_id()}.json").write_text(real)  # run 0's record, copied
+    done = {r["run_id"]: r["done"] for r in describe(spec)}
+    assert [done[c.run_id()] for c in configs] == [True, False, False, False]

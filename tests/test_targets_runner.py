@@ -69,4 +69,4 @@ def test_cli_runs_every_target_on_tiny_vit(tmp_path, target):
         "norm+prompt": 5 * 2 * 64 + 2 * 10 * 64,
     }[target]
     assert record["target"]["trainable"] == expected
-    assert record["status"] == "ok"
+    assert record["target"]["changes"] == f"the parameters of target {target}"

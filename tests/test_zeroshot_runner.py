@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 
 from clinadapt.cli import app
 from clinadapt.config import load_config
+from clinadapt.record import load_record
 from clinadapt.runner import run_experiment
 
 SMALL = "data_options.patients_per_site=20"
@@ -36,16 +37,20 @@ def _cli(out, method, *extra):
 )
 def test_cli_runs_write_records(tmp_path, method, extra):
     record = _cli(tmp_path, method, *extra)
-    assert record["status"] == "ok" and record["method"]["name"] == method
-    assert (tmp_path / f"{record['run_id']}.json").exists()
+    assert record["method"]["name"] == method
+    assert load_record(tmp_path / f"{record['run_id']}.json", run_id=record["run_id"])
     assert set(record["metrics"]) == {"site-a", "site-b", "site-c", "site-d"}
     preds = np.load(tmp_path / "predictions" / f"{record['run_id']}.npz")
     probs = preds["probs/site-b"]
     assert probs.shape[1] == 4
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-6)
+    if method == "zeroshot":  # nothing is trained: the head is the prompts' text embeddings
+        assert record["target"]["trainable"] == 0 and record["target"]["spec"] == "none"
+        assert "nothing trained" in record["target"]["changes"]
     if method in ("tpt", "tda"):
         assert record["source"]["method"] == "zeroshot"
-        assert record["source"]["target"]["spec"] == "head"  # zeroshot's own default target
+        assert record["source"]["target"]["trainable"] == 0
+        assert record["target"]["trainable"] == 0 and record["target"]["changes"]
     if method == "dapl":
         assert record["training"]["domains"] == ["source", "site-b", "site-c", "site-d"]
 
@@ -81,4 +86,11 @@ def test_tpt_on_a_coop_source(tmp_path):
     )
     record = run_experiment(cfg)
     assert record["source"]["target"]["spec"] == "text-prompt"
-    assert record["status"] == "ok"
+    assert "text prompt context" in record["target"]["changes"]
+    # the tuned context changes the predictions of the CoOp source it starts from
+    source = run_experiment(cfg.model_copy(update={"method": "source", "method_options": {}}))
+    assert source["source"]["training"].get("reused")
+    tuned = np.load(tmp_path / "predictions" / f"{record['run_id']}.npz")
+    plain = np.load(tmp_path / "predictions" / f"{source['run_id']}.npz")
+    np.testing.assert_array_equal(tuned["labels/site-b"], plain["labels/site-b"])
+    assert np.abs(tuned["probs/site-b"] - plain["probs/site-b"]).max() > 1e-4

@@ -252,9 +252,11 @@ def run(
         )
         return
     print_results([record])
-    console.print(
-        f"trainable parameters: {record['target']['trainable']:,} of {record['target']['total']:,}"
-    )
+    target = record["target"]
+    trained = f"trainable parameters: {target['trainable']:,} of {target['total']:,}"
+    if target["trainable"] == 0 and target.get("changes"):
+        trained += f" (changes: {target['changes']})"
+    console.print(trained)
     console.print("result record:", _bold(path))
 
 

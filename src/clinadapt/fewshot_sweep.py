@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,6 @@ from clinadapt.config import RunConfig
 from clinadapt.data import load_dataset
 from clinadapt.data.base import ClinicalDataset
 from clinadapt.errors import ConfigError, brief
-from clinadapt.evaluation.evaluate import metrics_at_operating_point
 from clinadapt.features import FeatureCache, resolve_cache_dir, rows_in
 from clinadapt.methods import METHODS, Context
 from clinadapt.methods.base import logits_to_proba
@@ -31,10 +29,16 @@ from clinadapt.methods.frozen import (
     support_positions,
 )
 from clinadapt.progress import bar, status
-from clinadapt.runner import build_classifier, summarise, versions
+from clinadapt.record import (
+    build_record,
+    check_metric,
+    existing_record,
+    versions,
+)
+from clinadapt.runner import build_classifier, target_record
 from clinadapt.shifts import ShiftSplit, apply_shift
-from clinadapt.store import read_record, write_run
 from clinadapt.targets import apply_target
+from clinadapt.tasks.base import Outcome, task_for
 
 DEFAULT_METHODS = ("prototype", "knn", "tip-adapter", "linear-probe")
 DEFAULT_SHOTS = (1, 2, 4, 8, 16)
@@ -74,6 +78,11 @@ def run_configs(
     """One run configuration per (method, shots, seed), as ``clinadapt run`` would take it."""
     if not methods or not shots or not seeds:
         raise ConfigError("a few-shot sweep needs at least one method, shot count and seed")
+    if base.adaptive_temperature:
+        raise ConfigError(
+            "a few-shot sweep evaluates heads on cached features, so adaptive temperature in the "
+            "backbone's attention cannot apply; run it with `clinadapt run`"
+        )
     if base.method_options:
         raise ConfigError(
             "a sweep takes options per method (e.g. knn.k=10), not method_options "
@@ -159,7 +168,8 @@ def run_fewshot_sweep(
     out = Path(base.out_dir)
     cache = FeatureCache(resolve_cache_dir(out / "cache" / "features"))
     emb = _Embedded(base, cache)
-    todo = [c for c in configs if not (skip_existing and (out / f"{c.run_id()}.json").exists())]
+    done = {c.run_id(): existing_record(out, c.run_id()) for c in configs} if skip_existing else {}
+    todo = [c for c in configs if done.get(c.run_id()) is None]
     for k, seed in sorted({(c.method_options["shots"], c.seed) for c in todo}):
         # every support set is drawn before the backbone runs: too few images fails at once
         support_positions(emb.split(seed).train, k, seed)
@@ -171,7 +181,7 @@ def run_fewshot_sweep(
             if cfg.run_id() in todo_ids:
                 records.append(_run_one(cfg, emb))
             else:
-                records.append(read_record(out / f"{cfg.run_id()}.json"))
+                records.append(done[cfg.run_id()])
             pbar.update(1)
     finally:
         pbar.close()
@@ -207,43 +217,52 @@ def _run_one(cfg: RunConfig, emb: _Embedded) -> dict[str, Any]:
     head = head.to(cfg.device)
     fit_s = time.perf_counter() - t0
     t = time.perf_counter()
-    probs, labels = {}, {}
+    probs, labels, meta = {}, {}, {}
     for name, test in split.tests.items():
-        logits = head_logits(head, emb.of(test), cfg.device)
-        probs[name] = logits_to_proba(logits, ds.task).numpy().astype(np.float64)
+        probs[name] = _proba(head, emb.of(test), ds.task, cfg.device)
         labels[name] = test.labels
-    metrics = {
-        name: metrics_at_operating_point(labels[name], probs[name], ds.task) for name in probs
-    }
-    evaluate_s = time.perf_counter() - t
-    run_id = cfg.run_id()
-    record = {
-        "schema": 1,
-        "run_id": run_id,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "config": cfg.model_dump(),
-        "seed": cfg.seed,
-        "versions": emb.versions,
-        "data": {**ds.summary(), "class_names": ds.class_names},
-        "shift": split.describe(),
-        "model": emb.model.encoder.describe(),
-        "target": emb.info.to_dict(),
-        "method": {"name": cfg.method, "kind": method.kind, "options": opts.model_dump()},
-        "training": {**summary, "support_images": len(pos)},
-        "fewshot": {
-            "shots": opts.shots,
-            "support_seed": cfg.seed,
-            "backbone_seed": emb.base.seed,
-            "support_images": len(pos),
-            "features": "one embedding pass of the whole dataset, shared by the sweep",
+        meta[name] = test.metadata
+    val_pred = None
+    if split.val is not None and ds.task == "binary":  # operating point chosen on validation
+        val_pred = (split.val.labels, _proba(head, emb.of(split.val), ds.task, cfg.device))
+    outcome = Outcome(
+        model=emb.model.encoder.describe(),
+        target=target_record(emb.info, method),
+        method={"name": cfg.method, "kind": method.kind, "options": opts.model_dump()},
+        predictions={"probs": probs, "labels": labels, "meta": meta, "val": val_pred},
+        parts={
+            "training": {**summary, "support_images": len(pos)},
+            "fewshot": {
+                "shots": opts.shots,
+                "support_seed": cfg.seed,
+                "backbone_seed": emb.base.seed,
+                "support_images": len(pos),
+                "features": "one embedding pass of the whole dataset, shared by the sweep",
+            },
         },
-        "metrics": metrics,
-        "summary": summarise(metrics, split.in_domain),
-        "timings": {"fit_s": fit_s, "evaluate_s": evaluate_s},
-        "status": "ok",
-    }
-    write_run(cfg.out_dir, record, probs, labels)
+    )
+    task = task_for(ds)
+    evals = task.evaluate(outcome, split, cfg)  # what `clinadapt run` measures, as it does
+    evaluate_s = time.perf_counter() - t
+    record = build_record(
+        cfg,
+        task=task,
+        data=ds,
+        split=split,
+        model=outcome.model,
+        target=outcome.target,
+        method=outcome.method,
+        evaluations=evals,
+        timings={"fit_s": fit_s, "evaluate_s": evaluate_s},
+        run_versions=emb.versions,
+        **outcome.parts,
+    ).to_dict()
+    task.write(cfg.out_dir, record, outcome)
     return record
+
+
+def _proba(head: Any, features: np.ndarray, task: str, device: str) -> np.ndarray:
+    return logits_to_proba(head_logits(head, features, device), task).numpy().astype(np.float64)
 
 
 def record_value(record: dict[str, Any], metric: str, view: str) -> float | None:
@@ -264,6 +283,14 @@ def sweep_table(
     records: list[dict[str, Any]], metric: str = "balanced_accuracy", view: str = "shifted"
 ) -> tuple[list[str], list[list[str]]]:
     """Rows per shot count, a column per method: mean ± sample SD of ``metric`` over seeds."""
+    if records:
+        check_metric(records, metric)
+        sets = {name for r in records for name in r.get("metrics", {})}
+        if view not in VIEWS and view not in sets:
+            raise ConfigError(
+                f"unknown view {view!r}; choose {', '.join(VIEWS)} or a test set: "
+                f"{', '.join(sorted(sets))}"
+            )
     cells: dict[tuple[str, int], list[float]] = {}
     methods: list[str] = []
     for r in records:

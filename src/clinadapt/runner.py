@@ -5,10 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import platform
 import time
-from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +18,11 @@ from clinadapt.config import RunConfig
 from clinadapt.data import load_dataset
 from clinadapt.data.base import ClinicalDataset
 from clinadapt.errors import ConfigError, IncompatibleError
-from clinadapt.evaluation.subgroups import lower_is_better
 from clinadapt.methods import METHODS, Context, FitMethod, Method, TTAMethod, predict_proba
 from clinadapt.methods.tta.protocol import order_stream, run_tta, source_method_for
 from clinadapt.models import load_model
 from clinadapt.progress import status
+from clinadapt.record import build_record, summarise, versions
 from clinadapt.shifts import ShiftSplit, apply_shift
 from clinadapt.targets import (
     TargetInfo,
@@ -34,29 +31,6 @@ from clinadapt.targets import (
     save_adapted,
 )
 from clinadapt.tasks.base import Outcome, task_for
-
-PACKAGES = (
-    "clinadapt",
-    "torch",
-    "torchvision",
-    "timm",
-    "open_clip_torch",
-    "transformers",
-    "peft",
-    "numpy",
-    "scikit-learn",
-)
-SUMMARY_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "ece")
-
-
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "absent"
-    return out
 
 
 def build_classifier(
@@ -160,32 +134,6 @@ def fit_source(
     return model, info, summary
 
 
-def summarise(
-    metrics: dict[str, dict[str, float]],
-    in_domain: list[str],
-    names: tuple[str, ...] | list[str] = SUMMARY_METRICS,
-) -> dict[str, Any]:
-    """In-domain and shifted means, and the worst test set, for the headline metrics ``names``."""
-    out: dict[str, Any] = {}
-    shifted = [k for k in metrics if k not in in_domain]
-    for m in names:
-        vals = {k: v[m] for k, v in metrics.items() if m in v and v[m] == v[m]}
-        if not vals:
-            continue
-        worst = (max if lower_is_better(m) else min)(vals, key=vals.get)
-        out[m] = {
-            "in_domain": float(np.mean([vals[k] for k in in_domain if k in vals]))
-            if any(k in vals for k in in_domain)
-            else None,
-            "shifted": float(np.mean([vals[k] for k in shifted if k in vals]))
-            if any(k in vals for k in shifted)
-            else None,
-            "worst": vals[worst],
-            "worst_set": worst,
-        }
-    return out
-
-
 def classification_outcome(
     cfg: RunConfig,
     method: Method,
@@ -196,7 +144,7 @@ def classification_outcome(
     """Classification's run: fit (or fit a source and adapt on the test streams) and predict."""
     ds = split.train
     t = time.perf_counter()
-    record: dict[str, Any] = {}
+    parts: dict[str, Any] = {}
     probs: dict[str, np.ndarray] = {}
     labels: dict[str, np.ndarray] = {}
     meta: dict[str, dict[str, np.ndarray]] = {}
@@ -206,14 +154,14 @@ def classification_outcome(
         model, info, summary = fit_source(cfg, split, cfg.method, target, cfg.method_options, ctx)
         timings["fit_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        record["adaptive_temperature"] = _adaptive_temperature(cfg, model, ds.task)
+        parts["adaptive_temperature"] = _adaptive_temperature(cfg, model, ds.task)
         for name, test in split.tests.items():
             probs[name] = predict_proba(model, test, ctx, desc=f"evaluate {name}")
             labels[name] = test.labels
             meta[name] = test.metadata
         if ds.task == "binary" and split.val is not None:  # operating point chosen on validation
             val_pred = (split.val.labels, predict_proba(model, split.val, ctx, desc="validation"))
-        record["training"] = summary
+        parts["training"] = summary
     elif isinstance(method, TTAMethod):
         opts = method.parse_options(cfg.method_options)
         src_method = source_method_for(method, cfg.source.method)
@@ -223,8 +171,11 @@ def classification_outcome(
         timings["fit_s"] = time.perf_counter() - t
         t = time.perf_counter()
         target = cfg.target or method.default_target
-        info = src_info if target == "none" else apply_target(model, target, cfg.target_options)
-        record["adaptive_temperature"] = _adaptive_temperature(cfg, model, ds.task)
+        if target == "none":  # the method moves no parameter of the source model
+            info = TargetInfo(spec="none", trainable=0, total=src_info.total)
+        else:
+            info = apply_target(model, target, cfg.target_options)
+        parts["adaptive_temperature"] = _adaptive_temperature(cfg, model, ds.task)
         if ds.task == "binary" and split.val is not None:  # the source's operating point
             val_pred = (split.val.labels, predict_proba(model, split.val, ctx, desc="validation"))
         result = run_tta(
@@ -246,27 +197,41 @@ def classification_outcome(
             stream = order_stream(test, cfg.stream_order, cfg.seed)
             if np.array_equal(stream.labels, labels[name]):
                 meta[name] = stream.metadata
-        record["tta"] = result.info
-        record["source"] = {
+        parts["tta"] = result.info
+        parts["source"] = {
             **cfg.source.model_dump(),
             "method": src_method,
             "training": summary,
-            "target": src_info.to_dict(),
+            "target": target_record(src_info, METHODS.get(src_method)()),
         }
     else:  # pragma: no cover - the registry only holds the two kinds
         raise ConfigError(f"method {cfg.method!r} is of unknown kind")
     timings["evaluate_s"] = time.perf_counter() - t
     return Outcome(
         model=model.encoder.describe(),
-        target=info.to_dict(),
+        target=target_record(info, method),
         method={
             "name": cfg.method,
             "kind": method.kind,
             "options": method.parse_options(cfg.method_options).model_dump(),
         },
         predictions={"probs": probs, "labels": labels, "meta": meta, "val": val_pred},
-        parts=record,
+        parts=parts,
     )
+
+
+def target_record(info: TargetInfo, method: Method) -> dict[str, Any]:
+    """The record's ``target``: what the method changed, and how many parameters it trained.
+
+    A method that trains no parameter (bn re-estimates normalisation statistics, zero-shot sets
+    its head from text) records target ``none``, 0 trainable, and its ``changes``.
+    """
+    if method.changes is not None:
+        info = TargetInfo(spec="none", trainable=0, total=info.total)
+        return {**info.to_dict(), "changes": method.changes}
+    if info.trainable == 0:
+        return {**info.to_dict(), "changes": "nothing"}
+    return {**info.to_dict(), "changes": f"the parameters of target {info.spec}"}
 
 
 def run_experiment(cfg: RunConfig, write: bool = True) -> dict[str, Any]:
@@ -295,34 +260,23 @@ def run_experiment(cfg: RunConfig, write: bool = True) -> dict[str, Any]:
 
     t = time.perf_counter()
     evals = task.evaluate(outcome, split, cfg)
-    metrics = {name: e["metrics"] for name, e in evals.items()}
     timings["metrics_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
-    run_id = cfg.run_id()
-    record = {
-        "schema": 1,
-        "run_id": run_id,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "config": cfg.model_dump(),
-        "seed": cfg.seed,
-        "versions": versions(),
-        "task": task.name,
-        "data": {**ds.summary(), "class_names": ds.class_names},
-        "shift": split.describe(),
-        "model": outcome.model,
-        "target": outcome.target,
-        "method": outcome.method,
+    record = build_record(
+        cfg,
+        task=task,
+        data=ds,
+        split=split,
+        model=outcome.model,
+        target=outcome.target,
+        method=outcome.method,
+        evaluations=evals,
+        timings=timings,
         **outcome.parts,
-        "metrics": metrics,
-        "summary": summarise(metrics, split.in_domain, task.summary_metrics),
-        **{
-            part: {name: e[part] for name, e in evals.items() if part in e}
-            for part in task.evaluation_parts
-            if any(part in e for e in evals.values())
-        },
-        "timings": timings,
-        "status": "ok",
-    }
+    ).to_dict()
     if write:
         task.write(cfg.out_dir, record, outcome)
     return record
+
+
+__all__ = ["build_classifier", "fit_source", "run_experiment", "summarise", "versions"]

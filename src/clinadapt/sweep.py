@@ -32,9 +32,10 @@ from typing import Any
 from pydantic import ValidationError
 
 from clinadapt.config import RunConfig, read_yaml_mapping, set_dotted
-from clinadapt.errors import ConfigError, DataError
+from clinadapt.errors import ConfigError
 from clinadapt.progress import bar, is_quiet, set_quiet, status
-from clinadapt.store import read_record, write_record
+from clinadapt.record import existing_record
+from clinadapt.store import write_record
 
 AXIS_ALIASES = {
     "models": "model",
@@ -104,14 +105,9 @@ def record_path(cfg: RunConfig) -> Path:
 
 
 def is_done(cfg: RunConfig) -> bool:
-    """Whether ``cfg`` already has a complete record."""
-    path = record_path(cfg)
-    if not path.exists():
-        return False
-    try:
-        return read_record(path).get("status") == "ok"
-    except DataError:  # unreadable: run it again
-        return False
+    """Whether ``cfg`` already has a complete record of its own (a stub, a truncated file or
+    another run's record under its name does not count)."""
+    return existing_record(cfg.out_dir, cfg.run_id()) is not None
 
 
 @dataclass

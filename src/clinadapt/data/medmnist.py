@@ -23,6 +23,7 @@ import numpy as np
 
 from clinadapt.data import DATASETS
 from clinadapt.data.base import ClinicalDataset, ImageSource, Task
+from clinadapt.env import env_flag
 from clinadapt.errors import DataError
 
 SIZES: tuple[int, ...] = (28, 64, 128, 224)
@@ -378,7 +379,7 @@ def default_root() -> Path:
 
 def is_online(timeout: float = 2.0) -> bool:
     """False under ``CLINADAPT_OFFLINE=1``, else whether Zenodo answers a TCP connect in time."""
-    if os.environ.get("CLINADAPT_OFFLINE", "") not in ("", "0"):
+    if env_flag("CLINADAPT_OFFLINE"):
         return False
     try:
         with socket.create_connection(_PROBE_HOST, timeout=timeout):

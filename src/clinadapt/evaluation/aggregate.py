@@ -31,11 +31,18 @@ def shift_label(record: dict[str, Any]) -> str:
     return name
 
 
+def target_label(record: dict[str, Any]) -> str:
+    """What a run adapted: its target, or what it changed when it trained no parameter."""
+    target = record.get("target", {})
+    if target.get("trainable") == 0 and target.get("changes"):
+        return str(target["changes"])  # bn: normalisation statistics, not the source's "full"
+    return target.get("spec") or record["config"].get("target") or "default"
+
+
 def condition_label(record: dict[str, Any]) -> str:
     """``method (model, target)`` of a record."""
     cfg = record["config"]
-    target = record.get("target", {}).get("spec") or cfg.get("target") or "default"
-    return f"{cfg['method']} ({cfg['model']}, {target})"
+    return f"{cfg['method']} ({cfg['model']}, {target_label(record)})"
 
 
 def condition_key(record: dict[str, Any]) -> str:

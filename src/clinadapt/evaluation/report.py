@@ -12,7 +12,13 @@ from typing import Any
 import numpy as np
 
 from clinadapt.errors import DataError
-from clinadapt.evaluation.aggregate import Condition, format_cell, group_conditions, mean_ci
+from clinadapt.evaluation.aggregate import (
+    Condition,
+    format_cell,
+    group_conditions,
+    mean_ci,
+    target_label,
+)
 from clinadapt.evaluation.aggregate import columns as record_columns
 from clinadapt.evaluation.plots import (
     domain_bars,
@@ -20,7 +26,8 @@ from clinadapt.evaluation.plots import (
     risk_coverage_plot,
     severity_curves,
 )
-from clinadapt.store import atomic_write_bytes, list_records, read_record
+from clinadapt.record import check_metric, read_records
+from clinadapt.store import atomic_write_bytes, list_records
 
 CSV_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "ece")
 SUBGROUP_KEYS = ("domain", "scanner", "sex", "age_group")
@@ -29,8 +36,7 @@ SUBGROUP_KEYS = ("domain", "scanner", "sex", "age_group")
 def run_label(record: dict[str, Any]) -> str:
     """``method (model, target, seed N)`` of one run."""
     cfg = record["config"]
-    target = record.get("target", {}).get("spec", cfg.get("target") or "")
-    return f"{cfg['method']} ({cfg['model']}, {target}, seed {cfg['seed']})"
+    return f"{cfg['method']} ({cfg['model']}, {target_label(record)}, seed {cfg['seed']})"
 
 
 def results_table(
@@ -190,14 +196,16 @@ def write_report(
 ) -> Path:
     """Write ``report.md``, ``results.csv`` and a self-contained ``report.html``; return the HTML path."""
     runs_dir = Path(runs_dir)
-    paths = list_records(runs_dir)
-    if not paths:
+    if not list_records(runs_dir):
         raise DataError(
             f"no result records (*.json) in {str(runs_dir)!r}; run `clinadapt run` first"
         )
-    records = [r for r in (read_record(p) for p in paths) if "metrics" in r and "config" in r]
+    records, skipped = read_records(runs_dir)  # unreadable files: skipped, each with a warning
     if not records:
-        raise DataError(f"no run records with metrics in {str(runs_dir)!r}")
+        raise DataError(
+            f"no readable result records in {str(runs_dir)!r} ({len(skipped)} file(s) skipped)"
+        )
+    check_metric(records, metric)
     out = Path(out_dir or runs_dir)
     conditions = group_conditions(records)
     by_shift: dict[str, list[Condition]] = {}

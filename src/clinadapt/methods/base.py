@@ -47,6 +47,10 @@ class Method(abc.ABC):  # noqa: B024 (the two kinds below hold the abstract meth
     #: the task a method is for; segmentation methods register with tags=("segmentation",)
     task: ClassVar[str] = "classification"
     Options: ClassVar[type[Options]] = Options
+    #: What the method changes when it trains no parameter, in a few words for tables (bn:
+    #: "normalisation statistics (per test batch)"); records show it with 0 trainable
+    #: parameters. None: the parameters of its target.
+    changes: ClassVar[str | None] = None
 
     def parse_options(self, options: dict[str, Any] | None) -> Options:
         try:

@@ -73,6 +73,7 @@ class KNN(FrozenFeatureMethod):
     """Predict the (similarity-weighted) vote shares of the nearest support images."""
 
     name = "knn"
+    changes = "support-feature memory (no training)"
     Options = KNNOptions
     head_type = KNNHead
 

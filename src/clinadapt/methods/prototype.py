@@ -77,6 +77,7 @@ class Prototype(FrozenFeatureMethod):
     """Classify by similarity to the mean feature of each class's support images."""
 
     name = "prototype"
+    changes = "class-mean prototypes (no training)"
     Options = PrototypeOptions
     head_type = PrototypeHead
 

@@ -177,6 +177,7 @@ class TipAdapter(FrozenFeatureMethod):
     """Build the cache from the support features; search alpha and beta on validation."""
 
     name = "tip-adapter"
+    changes = "support-feature cache (no training)"
     Options = TipAdapterOptions
     head_type = TipAdapterHead
 
@@ -235,6 +236,7 @@ class TipAdapterF(TipAdapter):
     """Tip-Adapter with the cache keys trained by cross-entropy on the support set."""
 
     name = "tip-adapter-f"
+    changes = None  # the cache keys are fine-tuned: the head's parameters
     Options = TipAdapterFOptions
 
     def tune_keys(

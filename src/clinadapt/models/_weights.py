@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
+from clinadapt.env import env_flag
 from clinadapt.errors import WeightsUnavailableError
 
 OFFLINE_ENV = ("CLINADAPT_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
@@ -58,10 +59,6 @@ class ResolvedWeights:
     @property
     def file(self) -> Path:
         return self.files[0]
-
-
-def _truthy(value: str | None) -> bool:
-    return value is not None and value.strip().lower() in {"1", "true", "yes", "on"}
 
 
 def hf_cache_dir() -> Path:
@@ -112,7 +109,7 @@ def _probe(host: str, port: int, timeout: float) -> bool:
 def offline_reason() -> str | None:
     """Why the hub counts as unreachable now, or ``None`` when it can be used."""
     for var in OFFLINE_ENV:
-        if _truthy(os.environ.get(var)):
+        if env_flag(var):
             return f"{var}={os.environ[var]} is set"
     host, port = _probe_target()
     with _probe_lock:
@@ -334,6 +331,22 @@ def resolve_weights(
     if reason is None:
         reason = "no download source is known"
     raise WeightsUnavailableError(unavailable_message(request, looked, reason))
+
+
+def load_failure(path: str | os.PathLike[str], model: str, error: BaseException) -> str:
+    """One line for weights that exist but could not be loaded: say which file and why."""
+    text = str(error).strip()
+    if "weights_only" in text or type(error).__name__ == "UnpicklingError":
+        return (
+            f"{path}: refused to load it as weights of {model!r}: it is a pickle holding more "
+            "than tensors, which torch.load(weights_only=True) blocks because unpickling it could "
+            "run code. Load only files you trust; save weights as safetensors (or a plain state "
+            "dict of tensors)"
+        )
+    flat = " ".join(text.split())  # one line, however the library formats its message
+    if len(flat) > 300:
+        flat = flat[:300] + "..."
+    return f"{path}: cannot load it as weights of {model!r}: {type(error).__name__}: {flat}"
 
 
 def unavailable_message(request: WeightsRequest, looked: list[str], reason: str) -> str:

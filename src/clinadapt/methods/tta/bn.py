@@ -94,6 +94,7 @@ class BatchNormAdapt(TTAMethod):
     """Re-estimate BatchNorm statistics on each test batch; no parameter is updated."""
 
     name = "bn"
+    changes = "normalisation statistics (per test batch)"
     default_target = "none"
     Options = BNOptions
 

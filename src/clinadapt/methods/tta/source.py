@@ -16,6 +16,7 @@ class Source(TTAMethod):
     """Predict the test stream with the frozen source model."""
 
     name = "source"
+    changes = "nothing"
     default_target = "none"
 
     def adapt(

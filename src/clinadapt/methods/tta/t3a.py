@@ -89,6 +89,7 @@ class T3A(StreamMethod):
     """Replace the head by prototypes that follow the test stream; no gradient."""
 
     name = "t3a"
+    changes = "classifier prototypes (from test features)"
     default_target = "none"
     Options = T3AOptions
 

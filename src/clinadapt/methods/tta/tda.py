@@ -119,6 +119,7 @@ class TDA(TTAMethod):
     """Blend the source logits with cache logits built from the stream; nothing is trained."""
 
     name = "tda"
+    changes = "caches of test features"
     default_target = "none"
     Options = TDAOptions
 

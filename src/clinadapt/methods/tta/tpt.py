@@ -106,6 +106,7 @@ class TPT(TTAMethod):
     """Tune the text context on each test image's confident views, predict, reset."""
 
     name = "tpt"
+    changes = "text prompt context (per image, reset)"
     default_target = "none"
     Options = TPTOptions
 
