@@ -88,7 +88,7 @@ def test_resume_continues_at_the_saved_step_and_matches(tmp_path, monkeypatch, m
     monkeypatch.setattr(cls, "after_step", crash)
     with pytest.raises(KeyboardInterrupt):
         pretrain(cfg(tmp_path, "cut", **opts))
-    state = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    state = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     assert state["step"] == 3 and len(state["history"]) == 3
     monkeypatch.setattr(cls, "after_step", original)
     resumed = pretrain(cfg(tmp_path, "cut", **opts))
@@ -99,8 +99,8 @@ def test_resume_continues_at_the_saved_step_and_matches(tmp_path, monkeypatch, m
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6), k
     # the whole training state agrees too: heads, teacher, centre, optimiser moments
-    sa = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
-    sb = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    sa = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
+    sb = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     for k, v in sa["model"].items():
         assert torch.allclose(v.float(), sb["model"][k].float(), atol=1e-6), k
     assert sa["history"] == pytest.approx(sb["history"], rel=1e-5)

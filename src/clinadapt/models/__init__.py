@@ -9,6 +9,7 @@ Libraries are imported only when a model of their family is loaded.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,15 @@ from typing import Any
 import torch
 
 from clinadapt._registry import Registry
-from clinadapt.errors import ConfigError, RegistryError, WeightsUnavailableError
+from clinadapt.errors import (
+    ClinadaptError,
+    ConfigError,
+    IncompatibleError,
+    RegistryError,
+    WeightsUnavailableError,
+)
 from clinadapt.models._common import adjust_preprocess
-from clinadapt.models._weights import is_online, model_dir_root
+from clinadapt.models._weights import is_online, load_failure, model_dir_root
 from clinadapt.models.base import FoundationModel, Preprocessing
 from clinadapt.models.options import IMAGE_SIZE, builder_options, check_image_size
 from clinadapt.models.spec import ModelSpec
@@ -435,7 +442,18 @@ def load_model(
         )
     if weights is not None:
         weights = os.fspath(weights)
-    model = _builder(spec.family)(spec, weights=weights, pretrained=pretrained, overrides=kwargs)
+    try:
+        with warnings.catch_warnings():  # torch notes pickle protocols of files it then refuses
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            model = _builder(spec.family)(
+                spec, weights=weights, pretrained=pretrained, overrides=kwargs
+            )
+    except ClinadaptError:
+        raise
+    except Exception as e:  # a file that is not (these) weights: one line naming it
+        if weights is None:
+            raise
+        raise IncompatibleError(load_failure(weights, name, e)) from e
     if IMAGE_SIZE in options:  # also for architectures without an input size of their own
         model.preprocess = adjust_preprocess(
             model.preprocess, image_size=check_image_size(options[IMAGE_SIZE])

@@ -9,6 +9,7 @@ models as a ``backbone/`` folder with ``config.json`` and ``model.safetensors`` 
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ BACKBONE_DIR = "backbone"
 HF_WEIGHTS = "model.safetensors"
 STATE_FILE = "checkpoint.pt"
 SUMMARY_FILE = "summary.json"
+STATE_KEYS = frozenset({"step", "identity", "model", "optimizer", "scheduler", "rng"})
 META_MODEL = "clinadapt_model"
 
 
@@ -80,26 +82,54 @@ def weights_path(path: str | Path) -> Path:
 
 def read_metadata(path: str | Path) -> dict[str, str]:
     """The metadata stored in a backbone's safetensors file (base model name, method, steps)."""
-    with safe_open(str(weights_file(path)), framework="pt") as f:
-        return dict(f.metadata() or {})
+    f = weights_file(path)
+    try:
+        with safe_open(str(f), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except Exception as e:  # a truncated or foreign file under a safetensors name
+        raise ConfigError(
+            f"{f}: not a readable safetensors file ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+        ) from e
 
 
 def save_state(path: str | Path, state: dict[str, Any]) -> None:
-    """Atomically write a training state (model, optimiser, scheduler, step, RNG) with torch.save."""
+    """Atomically write a training state (model, optimiser, scheduler, step, RNG) with torch.save.
+
+    Only tensors and plain Python values go in, so :func:`load_state` reads it back with
+    ``weights_only=True``.
+    """
     buf = io.BytesIO()
     torch.save(state, buf)
     atomic_write_bytes(path, buf.getvalue())
 
 
 def load_state(path: str | Path) -> dict[str, Any]:
-    """Read a training state written by :func:`save_state`."""
+    """Read a training state written by :func:`save_state`.
+
+    ``weights_only=True``: a crafted ``checkpoint.pt`` in an ``--out`` folder cannot run code
+    (a pickle of anything but tensors and plain values is refused before it is unpickled).
+    """
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file: say which and what to do
+        with warnings.catch_warnings():  # torch notes the pickle protocol of files it refuses
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated, foreign or malicious file: say which and what to do
+        why = (
+            "it holds more than tensors and plain values (a pickle that could run code; "
+            "refused unread)"
+            if "weights_only" in str(e) or type(e).__name__ == "UnpicklingError"
+            else f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+        )
         raise ConfigError(
-            f"cannot read the checkpoint {path}: {type(e).__name__}: {e}. "
-            "Delete it to start over, or choose another --out."
+            f"cannot read the checkpoint {path}: {why}. Delete it to start over, or choose "
+            "another --out."
         ) from e
+    if not isinstance(state, dict) or not set(state) >= STATE_KEYS:
+        raise ConfigError(
+            f"{path} is not a clinadapt pre-training checkpoint (expected the keys "
+            f"{sorted(STATE_KEYS)}); delete it to start over, or choose another --out."
+        )
+    return state
 
 
 def write_summary(path: str | Path, summary: dict[str, Any]) -> None:

@@ -174,9 +174,17 @@ def make_optimizer(method: SSLMethod, cfg: PretrainConfig) -> torch.optim.AdamW:
 
 
 def _rng_state() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
+        # tensors and plain values only, so the checkpoint loads with weights_only=True
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "python": random.getstate(),
     }
     if torch.cuda.is_available():
@@ -186,7 +194,16 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state(
+        (
+            n["kind"],
+            n["keys"].numpy().astype(np.uint32),
+            n["pos"],
+            n["has_gauss"],
+            n["cached_gaussian"],
+        )
+    )
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -196,20 +213,29 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     """Pre-train, checkpoint, export the backbone, evaluate it, and return the summary."""
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    state_path = out / ckpt.STATE_FILE
+    state = ckpt.load_state(state_path) if state_path.is_file() else None  # before any work
+    if state is not None and state["identity"] != cfg.identity():
+        raise ConfigError(
+            f"{state_path} was written by a different run ({state['identity']}); "
+            "choose another --out or delete the folder to start over"
+        )
     method, ds, pool = build(cfg)
     batch_size = min(cfg.batch_size, len(pool))
     total = cfg.max_steps
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(0.05 * total)
     opt = make_optimizer(method, cfg)
+    hyper = {"lr": opt.param_groups[0]["lr"], "weight_decay": opt.param_groups[0]["weight_decay"]}
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup))
     start, trained_s, history, baseline = 0, 0.0, [], None
-    state_path = out / ckpt.STATE_FILE
-    if state_path.is_file():
-        state = ckpt.load_state(state_path)
-        if state["identity"] != cfg.identity():
+    if state is not None:
+        saved = state.get("hyper", hyper)
+        changed = {k: (saved[k], v) for k, v in hyper.items() if not math.isclose(saved[k], v)}
+        if changed:  # the optimiser state would restore the old values and train on with them
+            was = ", ".join(f"{k}={old:g} (now {new:g})" for k, (old, new) in changed.items())
             raise ConfigError(
-                f"{state_path} was written by a different run ({state['identity']}); "
-                "choose another --out or delete the folder to start over"
+                f"{state_path} was trained with {was}; resume with the same values, or choose "
+                "another --out to train with the new ones"
             )
         method.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -234,6 +260,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
                 "history": history,
                 "baseline": baseline,
                 "identity": cfg.identity(),
+                "hyper": hyper,
                 "model": method.state_dict(),
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),
@@ -309,6 +336,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         },
         "config": cfg.model_dump(),
         "steps": step,
+        "optimizer": hyper,  # what trained the weights (a resumed run must keep them)
         "completed": step >= total,
         "stopped_by_time": stopped_early,
         "train_seconds": trained_s,
