@@ -8,10 +8,11 @@ from clinadapt.data.synthetic_seg import make_clinical_shift_seg
 from clinadapt.errors import ConfigError, DataError, IncompatibleError
 from clinadapt.evaluation.seg_metrics import score_images, summarise_table
 from clinadapt.methods.base import Context
-from clinadapt.methods.seg.base import PromptOptions, fill_boxes, predict_with_prompts
+from clinadapt.methods.seg.base import fill_boxes, predict_with_prompts
 from clinadapt.methods.seg.sam import few_shot_images
 from clinadapt.runner import run_experiment
 from clinadapt.segmentation import load_segmenter
+from clinadapt.segmentation.prompts import PromptSpec
 
 SMALL = {
     "shift": "domain",
@@ -34,6 +35,15 @@ def zeroshot(tmp_path_factory):
     return out, run(out, "seg-zeroshot")
 
 
+def test_config_prompt_is_checked_and_only_for_segmentation():
+    assert RunConfig().prompt is None and "prompt" not in RunConfig().identity()
+    assert RunConfig(method="seg-zeroshot", prompt={"kind": "points", "k": 3}).prompt["k"] == 3
+    with pytest.raises(ConfigError, match="prompt applies to segmentation"):
+        load_config(None, method="finetune", prompt={"kind": "box"})
+    with pytest.raises(ConfigError, match="invalid"):
+        load_config(None, method="seg-zeroshot", prompt={"kind": "scribble"})
+
+
 def test_config_defaults_follow_the_method_task():
     assert (RunConfig().model, RunConfig().data) == ("tiny-resnet", "clinical-shift")
     seg = RunConfig(method="seg-finetune")
@@ -54,7 +64,11 @@ def test_zero_shot_record(zeroshot):
     assert set(rec["summary"]) == {"dice", "dice_present", "nsd", "hd95"}
     assert rec["summary"]["dice"]["in_domain"] == pytest.approx(rec["metrics"]["site-a"]["dice"])
     assert rec["ci"]["site-b"]["unit"] == "patient"
-    assert rec["prompts"]["prompt"] == "box" and rec["prompts"]["jitter"] == 20
+    assert rec["prompts"]["kind"] == "box" and rec["prompts"]["jitter"] == 20
+    assert (
+        rec["config"]["prompt"]["kind"] == "box"
+        and rec["config"]["source"]["method"] == "seg-finetune"
+    )
     assert "lesion" in rec["size_bins"]["site-c"]
     assert rec["data"]["spacing_origin"].startswith("simulated")
 
@@ -63,8 +77,9 @@ def test_fill_box_baseline_is_the_filled_evaluation_boxes(zeroshot):
     out, rec = zeroshot
     cfg = load_config(None, method="seg-zeroshot", out_dir=str(out), **SMALL)
     test = make_clinical_shift_seg(patients_per_site=8).where(domain="site-b", split="test")
+    test = test.with_prompts(PromptSpec(), cfg.seed)
     seg = load_segmenter("tiny-sam")
-    pred = predict_with_prompts(seg, test, PromptOptions(), Context(seed=cfg.seed))
+    pred = predict_with_prompts(seg, test, Context(seed=cfg.seed))
     refs = [test.mask(i) for i in range(len(test))]
     filled = [fill_boxes(p, r.shape, 2) for p, r in zip(pred.prompts, refs, strict=True)]
     by_hand = summarise_table(score_images(filled, refs, test.spacing, test.class_names))
@@ -93,18 +108,24 @@ def test_prompts_are_the_same_for_every_method_and_corrupted_copy():
     ds = make_clinical_shift_seg(patients_per_site=6).where(domain="site-a")
     from clinadapt.shifts import corrupted
 
-    a = predict_with_prompts(load_segmenter("tiny-sam"), ds, PromptOptions(), Context(seed=3))
+    spec = PromptSpec()
+    a = predict_with_prompts(load_segmenter("tiny-sam"), ds.with_prompts(spec, 3), Context())
     b = predict_with_prompts(
-        load_segmenter("tiny-medsam"), corrupted(ds, "blur", 4), PromptOptions(), Context(seed=3)
+        load_segmenter("tiny-medsam"), corrupted(ds.with_prompts(spec, 3), "blur", 4), Context()
     )
     for pa, pb in zip(a.prompts, b.prompts, strict=True):
-        if pa.count:
+        if pa is not None:
             assert np.array_equal(pa.boxes, pb.boxes)
-    c = predict_with_prompts(load_segmenter("tiny-sam"), ds, PromptOptions(), Context(seed=4))
+    # a view in another order gets the same prompt per image
+    rev = ds.with_prompts(spec, 3).subset(np.arange(len(ds))[::-1])
+    assert np.array_equal(
+        rev.prompts(len(ds) - 1).prompts.boxes, ds.with_prompts(spec, 3).prompts(0).prompts.boxes
+    )
+    c = predict_with_prompts(load_segmenter("tiny-sam"), ds.with_prompts(spec, 4), Context())
     assert any(
         not np.array_equal(pa.boxes, pc.boxes)
         for pa, pc in zip(a.prompts, c.prompts, strict=True)
-        if pa.count
+        if pa is not None
     )
 
 
@@ -122,13 +143,14 @@ def test_learned_default_prompt_runs_prompt_free(tmp_path):
     rec = run(
         tmp_path,
         "seg-finetune",
-        method_options={"epochs": 1, "prompt": "none"},
+        method_options={"epochs": 1},
+        prompt={"kind": "none"},
         target="prompt-encoder+decoder",
     )
-    assert rec["prompts"]["prompt"] == "none" and "baselines" not in rec
+    assert rec["prompts"]["kind"] == "none" and "baselines" not in rec
     assert rec["model"]["default_prompt"] == ["lung", "lesion"]
     with pytest.raises(ConfigError, match="learned default prompt"):
-        run(tmp_path, "seg-zeroshot", method_options={"prompt": "none"})
+        run(tmp_path, "seg-zeroshot", prompt={"kind": "none"})
 
 
 def test_few_shot_sees_k_images_of_k_patients(tmp_path):
@@ -169,3 +191,29 @@ def test_fill_boxes_by_hand():
     out = fill_boxes(p, (6, 6), 2)
     assert not out[0].any() and out[1].sum() == 3 * 3 and out[1][2:5, 1:4].all()
     assert not fill_boxes(None, (6, 6), 2).any()
+
+
+def test_test_time_adaptation_of_a_segmenter_and_a_unet(tmp_path):
+    rec = run(
+        tmp_path,
+        "seg-tent",
+        source={"options": {"epochs": 1}},
+        stream_order="size-sorted",
+    )
+    assert rec["source"]["method"] == "seg-finetune" and rec["tta"]["stream_order"] == "size-sorted"
+    assert rec["tta"]["protocol"] == "per-shift" and set(rec["metrics"]) == {
+        "site-a",
+        "site-b",
+        "site-c",
+        "site-d",
+    }
+    assert "fill-box" in rec["baselines"]["site-b"] and rec["target"]["spec"] == "norm"
+    unet = run(
+        tmp_path,
+        "intent",
+        source={"method": "unet", "options": {"epochs": 1, "channels": [8, 16], "norm": "batch"}},
+    )
+    assert unet["model"]["name"] == "monai-unet" and unet["target"]["trainable"] == 0
+    assert "baselines" not in unet and unet["metrics"]["site-c"]["dice"] >= 0
+    with pytest.raises(ConfigError, match="cannot train a segmentation model"):
+        run(tmp_path, "seg-tent", source={"method": "finetune"})

@@ -23,7 +23,11 @@ class SourceConfig(BaseModel):
     """How the source model is trained before a test-time method adapts it."""
 
     model_config = ConfigDict(extra="forbid")
-    method: str = Field("finetune", description="fit method that trains the source model")
+    method: str = Field(
+        None,  # type: ignore[assignment]
+        description="fit method that trains the source model (default: finetune, or "
+        "seg-finetune for segmentation)",
+    )
     target: str | None = Field(
         None, description="what the source training updates (default: that method's own)"
     )
@@ -108,10 +112,18 @@ class RunConfig(BaseModel):
         description="test-time streams: per-shift (each test set from a fresh source model), "
         "episodic (reset after every batch) or continual (one stream through all test sets)",
     )
-    stream_order: Literal["random", "class-sorted", "imbalanced"] = Field(
+    stream_order: Literal["random", "class-sorted", "imbalanced", "size-sorted"] = Field(
         "random",
         description="order of each test stream: random, class-sorted, or imbalanced "
-        "(long-tailed label prevalence, ratio 10)",
+        "(long-tailed label prevalence, ratio 10); segmentation: random or size-sorted "
+        "(ascending object area, empty images first)",
+    )
+    prompt: dict[str, Any] | None = Field(
+        None,
+        description="segmentation: how each image's prompts derive from its reference, the "
+        "fields of clinadapt.segmentation.PromptSpec (kind box|points|box+points|mask|none, "
+        "per class|component, jitter, k, negatives, point_mode, classes); default a MedSAM "
+        "box; none for classification",
     )
     seed: int = Field(0, description="seed of model init, data order and sampling")
     batch_size: int = Field(
@@ -127,18 +139,28 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _task_defaults(self) -> RunConfig:
-        """Fill an unset model or dataset with the offline default of the method's task."""
-        if self.model is None or self.data is None:
-            from clinadapt.tasks.base import task_defaults
+        """Fill unset fields with the defaults of the method's task (model, dataset, source
+        method, prompts) and refuse prompts for classification."""
+        from clinadapt.tasks.base import method_task, task_defaults
 
-            model, data = task_defaults(self.method)
-            self.model = self.model or model
-            self.data = self.data or data
+        task = method_task(self.method)
+        if self.source.method is None:
+            self.source.method = "seg-finetune" if task == "segmentation" else "finetune"
+        model, data = task_defaults(self.method, self.source.method)
+        self.model = self.model or model
+        self.data = self.data or data
+        if task == "segmentation":
+            self.prompt = parse_prompt(self.prompt or {})
+        elif self.prompt is not None:
+            raise ConfigError(
+                f"prompt applies to segmentation; method {self.method!r} is a {task} method"
+            )
         return self
 
     def identity(self) -> dict[str, Any]:
         """The fields that define the experiment (not where its results go)."""
-        return self.model_dump(exclude={"out_dir", "device"})
+        exclude = {"out_dir", "device"} | ({"prompt"} if self.prompt is None else set())
+        return self.model_dump(exclude=exclude)
 
     def run_id(self) -> str:
         digest = hashlib.sha256(json.dumps(self.identity(), sort_keys=True, default=str).encode())
@@ -146,6 +168,16 @@ class RunConfig(BaseModel):
         return f"{self.model}_{target}_{self.method}_{self.shift}_s{self.seed}_{digest.hexdigest()[:8]}".replace(
             "/", "-"
         ).replace(":", "-")
+
+
+def parse_prompt(fields: dict[str, Any]) -> dict[str, Any]:
+    """A segmentation prompt protocol, checked by PromptSpec, as the dict of all its fields."""
+    from clinadapt.segmentation.prompts import PromptSpec
+
+    try:
+        return PromptSpec(**fields).model_dump()
+    except ValidationError as e:
+        raise ConfigError(f"invalid prompt {fields}:\n{e}") from e
 
 
 def read_yaml_mapping(path: str | Path, kind: str, expected: str) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import abc
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -202,6 +202,10 @@ class SegmentationDataset(ClinicalDataset):
     spacing: np.ndarray | None = None
     areas: np.ndarray | None = None
     spacing_origin: str = "given"
+    # How each image's prompts derive from its reference (a segmentation.prompts.PromptSpec),
+    # and the seed: prompts are part of a segmentation example, like labels of a classification one.
+    prompt_spec: Any = None
+    prompt_seed: int = 0
 
     PER_IMAGE: ClassVar[tuple[str, ...]] = ("labels", "spacing", "areas")
 
@@ -269,6 +273,23 @@ class SegmentationDataset(ClinicalDataset):
                 f"{self.describe_mask(i)} is {mask.shape[0]}x{mask.shape[1]}"
             )
         return img, mask
+
+    def with_prompts(self, spec: Any, seed: int = 0) -> SegmentationDataset:
+        """This view with a prompt protocol: ``prompts(i)`` derives image ``i``'s prompts."""
+        return self.replace(prompt_spec=spec, prompt_seed=int(seed))
+
+    def prompts(self, i: int) -> Any:
+        """The prompts of image ``i`` derived from its reference (a ``DerivedPrompts``).
+
+        Keyed by the image's position in its source, so every view, stream order and corrupted
+        copy of an image gets the same prompts.
+        """
+        if self.prompt_spec is None:
+            raise DataError(
+                f"{self.name}: no prompt protocol attached; give the run a prompt "
+                "(e.g. prompt: {kind: box}) or call with_prompts(spec)"
+            )
+        return self.prompt_spec.derive(self.mask(i), int(self.index[i]), self.prompt_seed)
 
     def areas_mm2(self) -> np.ndarray:
         """(N,C) reference area per class in square millimetres."""

@@ -105,11 +105,20 @@ def method_task(method: str) -> str:
     return SEGMENTATION if SEGMENTATION in METHODS.entry(method).tags else "classification"
 
 
-def task_defaults(method: str) -> tuple[str, str]:
-    """(model, data) a run of ``method`` uses when the config names neither."""
+def task_defaults(method: str, source: str | None = None) -> tuple[str, str]:
+    """(model, data) a run of ``method`` uses when the config names neither.
+
+    A method that brings its own network (the U-Net baseline) names it; a test-time method
+    takes the model of the fit method that trains its ``source``.
+    """
     from clinadapt import tasks  # noqa: F401
     from clinadapt.methods import METHODS
 
     task = TASKS.get(method_task(method))
-    own = getattr(METHODS.get(method), "default_model", None) if method in METHODS else None
+    own = None
+    if method in METHODS:
+        cls = METHODS.get(method)
+        if cls.kind == "tta" and source in METHODS:
+            cls = METHODS.get(source)
+        own = getattr(cls, "default_model", None)
     return own or task.default_model, task.default_data

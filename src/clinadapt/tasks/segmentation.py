@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from clinadapt.errors import ConfigError, IncompatibleError
+from clinadapt.errors import ConfigError
 from clinadapt.evaluation.seg_evaluate import evaluate_segmentation
-from clinadapt.evaluation.seg_metrics import SegTable, score_images
+from clinadapt.evaluation.seg_metrics import SegTable, one_hot, score_images
 from clinadapt.progress import status
 from clinadapt.tasks.base import TASKS, Outcome, Task
 
@@ -33,10 +33,35 @@ FILL_BOX = "fill-box"
 CASE_RANKS = ("best", "median", "worst")
 
 
+def with_prompts(split: ShiftSplit, spec: Any, seed: int) -> ShiftSplit:
+    """Every view of ``split`` with the run's prompt protocol attached."""
+    import dataclasses
+
+    return dataclasses.replace(
+        split,
+        train=split.train.with_prompts(spec, seed),
+        val=None if split.val is None else split.val.with_prompts(spec, seed),
+        tests={n: t.with_prompts(spec, seed) for n, t in split.tests.items()},
+    )
+
+
+def describe_prompts(cfg: RunConfig) -> dict[str, Any]:
+    """What the record says about the prompts."""
+    spec = dict(cfg.prompt or {})
+    how = (
+        "none: the learned default prompt (prompt-free)"
+        if spec.get("kind") == "none"
+        else "derived from each image's reference mask, seeded by the run's seed and the "
+        "image's index"
+    )
+    return {"source": how, **spec}
+
+
 def fit_key(cfg: RunConfig, method: str, target: str, options: dict, train: Any) -> str:
     """The cache key of a fit: everything that changes the trained weights."""
     ident = {
         "task": "segmentation",
+        "prompt": cfg.prompt,
         "model": cfg.model,
         "weights": cfg.weights,
         "pretrained": cfg.pretrained,
@@ -92,7 +117,7 @@ class SegmentationTask(Task):
     default_model = "tiny-sam"
     default_data = "clinical-shift-seg"
 
-    def _segmenter(self, cfg: RunConfig, method: SegMethod, options: Any, split: ShiftSplit):
+    def _segmenter(self, cfg: RunConfig, method: SegMethod, target: str | None, split):
         from clinadapt.segmentation import load_segmenter
         from clinadapt.targets import TargetInfo, apply_target
         from clinadapt.targets.base import count_parameters
@@ -100,21 +125,22 @@ class SegmentationTask(Task):
         seg = load_segmenter(
             cfg.model, weights=cfg.weights, pretrained=cfg.pretrained, device=cfg.device
         )
-        if getattr(options, "prompt", None) == "none":  # prompt-free: a learned prompt per class
+        if split.train.prompt_spec.kind == "none":  # prompt-free: a learned prompt per class
             seg.add_default_prompt(split.train.class_names)
-        target = cfg.target or method.default_target
+        target = target or method.default_target
         if target == "none":
             for p in seg.parameters():
                 p.requires_grad_(False)
             _, total = count_parameters(seg)
             return seg, TargetInfo(spec="none", trainable=0, total=total)
-        return seg, apply_target(seg, target, cfg.target_options)
+        options = cfg.target_options if method.name == cfg.method else None
+        return seg, apply_target(seg, target, options)
 
-    def _unet(self, cfg: RunConfig, method: SegMethod, options: Any, split: ShiftSplit, ctx):
+    def _own_network(self, cfg: RunConfig, method: SegMethod, target, options, split, ctx):
         from clinadapt.targets import TargetInfo
         from clinadapt.targets.base import count_parameters
 
-        if cfg.target not in (None, method.default_target):
+        if target not in (None, method.default_target):
             raise ConfigError(
                 f"{method.name} trains its whole network from scratch; leave target unset"
             )
@@ -127,28 +153,31 @@ class SegmentationTask(Task):
         trainable, total = count_parameters(net)
         return net, TargetInfo(spec=method.default_target, trainable=trainable, total=total)
 
-    def run(
+    def fit(
         self,
         cfg: RunConfig,
         method: Method,
+        target: str | None,
+        raw_options: dict[str, Any],
         split: ShiftSplit,
         ctx: Context,
-        timings: dict[str, float],
-    ) -> Outcome:
-        import time
+    ) -> tuple[Any, Any, Any, dict[str, Any]]:
+        """Build the predictor, open its target, and fit it (or reload the fit from the cache).
 
+        Returns the model, its target info, the parsed options and the training summary.
+        """
         from clinadapt.targets import load_adapted, save_adapted
 
-        if method.kind != "fit":
-            raise IncompatibleError(
-                f"{method.name}: only fit methods run on segmentation data so far"
+        if method.kind != "fit" or getattr(method, "task", None) != self.name:
+            raise ConfigError(
+                f"{method.name!r} cannot train a segmentation model; choose a segmentation fit "
+                "method (seg-finetune, seg-fewshot, seg-zeroshot, unet)"
             )
-        t = time.perf_counter()
-        opts = method.parse_options(cfg.method_options)
+        opts = method.parse_options(raw_options)
         if method.uses_segmenter:
-            model, info = self._segmenter(cfg, method, opts, split)
+            model, info = self._segmenter(cfg, method, target, split)
         else:
-            model, info = self._unet(cfg, method, opts, split, ctx)
+            model, info = self._own_network(cfg, method, target, opts, split, ctx)
         base = cfg.model if method.uses_segmenter else model.name
         key = fit_key(cfg, method.name, info.spec, opts.model_dump(), split.train)
         ckpt = Path(cfg.out_dir) / "cache" / f"fit-{key}.safetensors"
@@ -166,20 +195,111 @@ class SegmentationTask(Task):
             summary = method.fit(model, split.train, split.val, opts, ctx)
             save_adapted(model, ckpt, base=base, target=info)
             summary["checkpoint"] = ckpt.name
+        return model, info, opts, summary
+
+    def run(
+        self,
+        cfg: RunConfig,
+        method: Method,
+        split: ShiftSplit,
+        ctx: Context,
+        timings: dict[str, float],
+    ) -> Outcome:
+        import time
+
+        from clinadapt.segmentation.prompts import PromptSpec
+
+        split = with_prompts(split, PromptSpec(**cfg.prompt), cfg.seed)
+        t = time.perf_counter()
+        if method.kind == "tta":
+            return self._adapt(cfg, method, split, ctx, timings)
+        model, info, opts, summary = self.fit(
+            cfg, method, cfg.target, cfg.method_options, split, ctx
+        )
         timings["fit_s"] = time.perf_counter() - t
         t = time.perf_counter()
         preds = {name: method.predict(model, test, opts, ctx) for name, test in split.tests.items()}
         timings["evaluate_s"] = time.perf_counter() - t
         parts: dict[str, Any] = {"training": summary}
         if method.uses_segmenter:
-            from clinadapt.methods.seg.base import describe_prompts
-
-            parts["prompts"] = describe_prompts(opts)
+            parts["prompts"] = describe_prompts(cfg)
         return Outcome(
             model=model.describe(),
             target=info.to_dict(),
             method={"name": method.name, "kind": method.kind, "options": opts.model_dump()},
-            predictions={"sets": preds, "arrays": {}},
+            predictions={"sets": preds, "arrays": {}, "tests": split.tests},
+            parts=parts,
+        )
+
+    def _adapt(
+        self,
+        cfg: RunConfig,
+        method: Method,
+        split: ShiftSplit,
+        ctx: Context,
+        timings: dict[str, float],
+    ) -> Outcome:
+        """A test-time method: train the source (cfg.source), then adapt on each test stream."""
+        import time
+
+        from clinadapt.methods import METHODS
+        from clinadapt.methods.seg.base import SegPredictions, image_prompts
+        from clinadapt.methods.tta.seg.protocol import run_seg_tta
+        from clinadapt.targets import TargetInfo, apply_target
+
+        t = time.perf_counter()
+        source = METHODS.get(cfg.source.method)()
+        model, src_info, _, summary = self.fit(
+            cfg, source, cfg.source.target, cfg.source.options, split, ctx
+        )
+        timings["fit_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        opts = method.parse_options(cfg.method_options)
+        target = cfg.target or method.default_target
+        if target == "none":  # the method moves no parameter of the source model
+            info = TargetInfo(spec="none", trainable=0, total=src_info.total)
+        else:
+            info = apply_target(model, target, cfg.target_options)
+        from clinadapt.segmentation import Prompts
+
+        prompted = getattr(source, "uses_segmenter", True)  # a U-Net takes no prompt
+        prompts = {
+            name: [image_prompts(test, i) if prompted else Prompts() for i in range(len(test))]
+            for name, test in split.tests.items()
+        }
+        result = run_seg_tta(
+            method,
+            model,
+            split.tests,
+            prompts,
+            opts,
+            ctx,
+            protocol=cfg.tta_protocol,
+            order=cfg.stream_order,
+        )
+        preds = {
+            name: SegPredictions(
+                [one_hot(m, split.tests[name].num_classes) for m in maps],
+                [None if p.is_empty else p for p in prompts[name]],
+            )
+            for name, maps in result.label_maps.items()
+        }
+        timings["evaluate_s"] = time.perf_counter() - t
+        parts: dict[str, Any] = {
+            "tta": result.info,
+            "source": {
+                **cfg.source.model_dump(),
+                "training": summary,
+                "target": src_info.to_dict(),
+            },
+        }
+        if prompted:
+            parts["prompts"] = describe_prompts(cfg)
+        return Outcome(
+            model=model.describe(),
+            target=info.to_dict(),
+            method={"name": method.name, "kind": method.kind, "options": opts.model_dump()},
+            predictions={"sets": preds, "arrays": {}, "tests": split.tests},
             parts=parts,
         )
 
@@ -194,7 +314,7 @@ class SegmentationTask(Task):
         out: dict[str, dict[str, Any]] = {}
         arrays = outcome.predictions["arrays"]
         for name, pred in outcome.predictions["sets"].items():
-            test = split.tests[name]
+            test = outcome.predictions["tests"][name]
             refs = [test.mask(i) for i in range(len(test))]
             table = score_images(
                 pred.masks, refs, test.spacing, test.class_names, ev.nsd_tolerance_mm

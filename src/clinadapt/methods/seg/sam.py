@@ -10,7 +10,7 @@ from pydantic import Field
 from clinadapt.data.segmentation import SegmentationDataset
 from clinadapt.errors import ConfigError, DataError
 from clinadapt.methods.base import METHODS, Context, Options
-from clinadapt.methods.seg.base import PromptOptions, SegMethod
+from clinadapt.methods.seg.base import SegMethod
 from clinadapt.methods.seg.train import TrainOptions, train_segmenter
 
 if TYPE_CHECKING:
@@ -26,10 +26,9 @@ class SegZeroShot(SegMethod):
     """SAM / MedSAM / SAM 2 as released, with prompts derived from the reference masks."""
 
     name = "seg-zeroshot"
-    Options: ClassVar[type[Options]] = PromptOptions
 
     def fit(self, model: Segmenter, train, val, options: Options, ctx: Context) -> dict[str, Any]:
-        if options.prompt == "none":  # type: ignore[attr-defined]
+        if train.prompt_spec is not None and train.prompt_spec.kind == "none":
             raise ConfigError(
                 "seg-zeroshot: prompt 'none' needs a learned default prompt, which only training "
                 "makes; use seg-finetune with target prompt-encoder (+decoder)"

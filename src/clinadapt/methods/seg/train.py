@@ -2,9 +2,10 @@
 
 MedSAM (Ma et al., Nat. Commun. 2024; train_one_gpu.py): AdamW, lr 1e-4, weight decay 0.01;
 loss = Dice (sigmoid, squared denominator, MONAI ``DiceLoss``) + binary cross-entropy, at the
-image resolution; one box per training image, drawn for a random object of the image, its sides
-moved outwards by 0..20 px (of 1024); the prompt encoder frozen (target
-``image-encoder+decoder``). Validation Dice with the evaluation prompts picks the best epoch.
+image resolution; one prompt per training image and step, for a random object of the image,
+drawn afresh each time by the run's prompt protocol (MedSAM: a box whose sides move outwards by
+0..20 px); the prompt encoder frozen (target ``image-encoder+decoder``). Validation Dice with the
+evaluation prompts picks the best epoch.
 """
 
 from __future__ import annotations
@@ -18,15 +19,15 @@ from pydantic import Field
 from clinadapt.data.segmentation import SegmentationDataset
 from clinadapt.errors import DataError
 from clinadapt.evaluation.seg_metrics import score_images, summarise_table
-from clinadapt.methods.base import Context
-from clinadapt.methods.seg.base import PromptOptions, derive_prompts, predict_with_prompts
+from clinadapt.methods.base import Context, Options
+from clinadapt.methods.seg.base import predict_with_prompts
 from clinadapt.progress import progress, status
 
 if TYPE_CHECKING:
     from clinadapt.segmentation import Segmenter
 
 
-class TrainOptions(PromptOptions):
+class TrainOptions(Options):
     """Training settings shared by the supervised segmentation methods."""
 
     epochs: int = Field(10, ge=1, description="passes over the training images")
@@ -55,10 +56,29 @@ def _encoder_trainable(seg: Segmenter) -> bool:
     return any(p.requires_grad for m in seg.encoder_modules() for p in m.parameters())
 
 
+def draw_prompts(spec: Any, label_map: np.ndarray, rng: np.random.Generator) -> Any:
+    """Fresh prompts of the run's protocol for one training step (MedSAM re-draws the box
+    jitter every time it loads an image); evaluation uses the fixed per-image ones instead."""
+    from clinadapt.segmentation import prompts_from_mask
+
+    return prompts_from_mask(
+        label_map,
+        spec.kind,
+        per=spec.per,
+        jitter=spec.jitter,
+        k=spec.k,
+        negatives=spec.negatives,
+        point_mode=spec.point_mode,
+        classes=spec.classes,
+        seed=rng,
+    )
+
+
 def _step_loss(
     seg: Segmenter,
     images: list[np.ndarray],
     maps: list[np.ndarray],
+    spec: Any,
     options: TrainOptions,
     rng: np.random.Generator,
     modality: str,
@@ -82,11 +102,11 @@ def _step_loss(
         per_image = [take(feats, j) for j in range(len(images))]
     losses = []
     for j, ref in enumerate(maps):
-        if options.prompt == "none":  # the learned default prompt: one mask per class
+        if spec.kind == "none":  # the learned default prompt: one mask per class
             prompts = Prompts()
             targets = np.stack([ref == c for c in range(1, seg.default_prompt.num_classes + 1)])
         else:
-            d = derive_prompts(ref, options, rng)
+            d = draw_prompts(spec, ref, rng)
             if d.prompts.count == 0:
                 continue  # nothing to prompt on this image
             pick = (
@@ -102,11 +122,9 @@ def _step_loss(
     return torch.stack(losses).mean() if losses else None
 
 
-def validation_dice(
-    seg: Segmenter, val: SegmentationDataset, options: PromptOptions, ctx: Context
-) -> float:
+def validation_dice(seg: Segmenter, val: SegmentationDataset, ctx: Context) -> float:
     """Mean Dice over ``val`` (all image x class pairs, as the U-Net baseline selects)."""
-    pred = predict_with_prompts(seg, val, options, ctx, desc="validate")
+    pred = predict_with_prompts(seg, val, ctx, desc="validate")
     refs = [val.mask(i) for i in range(len(val))]
     table = score_images(pred.masks, refs, val.spacing, val.class_names)
     return summarise_table(table)["dice"]
@@ -123,7 +141,10 @@ def train_segmenter(
     params = [p for p in seg.parameters() if p.requires_grad]
     if not params:
         raise DataError("training needs trainable parameters; choose a target that opens some")
-    if options.prompt != "none" and not train.labels.any():
+    spec = train.prompt_spec
+    if spec is None:
+        raise DataError(f"{train.name}: training a segmenter needs the run's prompt protocol")
+    if spec.kind != "none" and not train.labels.any():
         raise DataError(f"{train.name}: no training image has an object to prompt")
     opt = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
     rng = np.random.default_rng(ctx.seed)
@@ -143,6 +164,7 @@ def train_segmenter(
                 seg,
                 [train.image(int(i)) for i in pos],
                 [train.mask(int(i)) for i in pos],
+                spec,
                 options,
                 rng,
                 train.modality,
@@ -159,7 +181,7 @@ def train_segmenter(
             total, steps = total + loss.item(), steps + 1
         row = {"epoch": epoch + 1, "loss": total / max(steps, 1)}
         if val is not None:
-            row["val_dice"] = validation_dice(seg, val, options, ctx)
+            row["val_dice"] = validation_dice(seg, val, ctx)
             if row["val_dice"] > best:
                 best, best_epoch, waited = row["val_dice"], epoch + 1, 0
                 best_state = {

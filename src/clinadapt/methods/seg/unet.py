@@ -10,7 +10,8 @@ back to each image. No prompt is used: the U-Net predicts every class everywhere
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from collections.abc import Sequence
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ from clinadapt.evaluation.seg_metrics import score_images, summarise_table
 from clinadapt.methods.base import METHODS, Context, Options
 from clinadapt.methods.seg.base import SegMethod, SegPredictions
 from clinadapt.progress import progress, status
+from clinadapt.segmentation.predict import MaskModel, ProbMap
 
 
 class UNetOptions(Options):
@@ -30,6 +32,11 @@ class UNetOptions(Options):
         [16, 32, 64, 128], description="feature channels per level (each level halves the size)"
     )
     num_res_units: int = Field(2, ge=0, description="residual units per block (MONAI UNet)")
+    norm: Literal["instance", "batch"] = Field(
+        "instance",
+        description="normalisation layers: instance (MONAI UNet's default) or batch (what "
+        "BatchNorm test-time methods such as intent adapt)",
+    )
     size: int | None = Field(
         None,
         ge=16,
@@ -58,8 +65,12 @@ def _to_target(mask: np.ndarray, size: int) -> torch.Tensor:
     return F.interpolate(m, size=(size, size), mode="nearest")[0].long()
 
 
-class UNetPredictor(torch.nn.Module):
-    """MONAI UNet plus what it needs to read images of any size: channels and input side."""
+class UNetPredictor(torch.nn.Module, MaskModel):
+    """MONAI UNet plus what it needs to read images of any size: channels and input side.
+
+    As a :class:`MaskModel` it gives a softmax over background and the C classes per image, so
+    segmentation test-time methods adapt it like a promptable segmenter (prompts are ignored).
+    """
 
     name = "monai-unet"
 
@@ -75,6 +86,7 @@ class UNetPredictor(torch.nn.Module):
             channels=tuple(options.channels),
             strides=(2,) * (levels - 1),
             num_res_units=options.num_res_units,
+            norm=options.norm,
         )
         self.in_channels, self.size, self.num_classes = in_channels, size, num_classes
 
@@ -92,14 +104,25 @@ class UNetPredictor(torch.nn.Module):
             "source": "random init (trained from scratch)",
         }
 
+    def mask_probs(self, images: Sequence[np.ndarray], prompts: Sequence[Any]) -> list[ProbMap]:
+        """Softmax maps (background first) of each image at its own size; prompts are unused."""
+        dev = next(self.parameters()).device
+        x = torch.stack([_to_input(im, self.in_channels, self.size) for im in images]).to(dev)
+        logits = self(x)
+        ids = np.arange(self.num_classes + 1)
+        out = []
+        for j, im in enumerate(images):
+            up = F.interpolate(
+                logits[j : j + 1], size=im.shape[:2], mode="bilinear", align_corners=False
+            )
+            out.append(ProbMap(torch.softmax(up[0], 0), exclusive=True, class_ids=ids))
+        return out
+
     @torch.no_grad()
     def segment(self, image: np.ndarray) -> np.ndarray:
         """(C,H,W) boolean masks of one image (argmax over background and classes)."""
         self.eval()
-        dev = next(self.parameters()).device
-        logits = self(_to_input(image, self.in_channels, self.size)[None].to(dev))
-        logits = F.interpolate(logits, size=image.shape[:2], mode="bilinear", align_corners=False)
-        labels = logits[0].argmax(0).cpu().numpy()
+        labels = self.mask_probs([image], [None])[0].label_map()
         return np.stack([labels == c for c in range(1, self.num_classes + 1)])
 
 
