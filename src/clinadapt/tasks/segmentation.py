@@ -33,6 +33,13 @@ FILL_BOX = "fill-box"
 CASE_RANKS = ("best", "median", "worst")
 
 
+def target_record(info: Any, method: Method) -> dict[str, Any]:
+    """The record's target: what the method changed (the runner's rule for every task)."""
+    from clinadapt.runner import target_record as record_of
+
+    return record_of(info, method)
+
+
 def with_prompts(split: ShiftSplit, spec: Any, seed: int) -> ShiftSplit:
     """Every view of ``split`` with the run's prompt protocol attached."""
     import dataclasses
@@ -225,7 +232,7 @@ class SegmentationTask(Task):
             parts["prompts"] = describe_prompts(cfg)
         return Outcome(
             model=model.describe(),
-            target=info.to_dict(),
+            target=target_record(info, method),
             method={"name": method.name, "kind": method.kind, "options": opts.model_dump()},
             predictions={"sets": preds, "arrays": {}, "tests": split.tests},
             parts=parts,
@@ -290,14 +297,14 @@ class SegmentationTask(Task):
             "source": {
                 **cfg.source.model_dump(),
                 "training": summary,
-                "target": src_info.to_dict(),
+                "target": target_record(src_info, source),
             },
         }
         if prompted:
             parts["prompts"] = describe_prompts(cfg)
         return Outcome(
             model=model.describe(),
-            target=info.to_dict(),
+            target=target_record(info, method),
             method={"name": method.name, "kind": method.kind, "options": opts.model_dump()},
             predictions={"sets": preds, "arrays": {}, "tests": split.tests},
             parts=parts,
