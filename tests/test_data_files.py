@@ -107,6 +107,10 @@ def test_wrong_channel_count_names_the_file(tmp_path):
         read_image_file(tmp_path / "two.npy")
     np.save(tmp_path / "f.npy", np.linspace(0, 1, 16, dtype=np.float32).reshape(4, 4))
     assert read_image_file(tmp_path / "f.npy")[3, 3] == 255
+    for bad in (np.full((4, 4), np.nan), np.full((4, 4), np.inf)):
+        np.save(tmp_path / "nan.npy", bad.astype(np.float32))  # not a black image
+        with pytest.raises(DataError, match=r"nan\.npy: the image holds no finite value"):
+            read_image_file(tmp_path / "nan.npy")
 
 
 def test_multipage_tiff_is_refused(tmp_path):
@@ -249,6 +253,25 @@ def test_manifest_integer_labels_root_and_class_names(tmp_path):
         csv_path, "file", "y", class_names=["a", "b", "c"], root=tmp_path / "data"
     )
     assert named.class_names == ["a", "b", "c"] and named.task == "multiclass"
+    assert not ds.notes and "notes" not in ds.summary()
+
+
+def test_integer_labels_with_gaps_are_the_classes_present(tmp_path):
+    """{0, 5} is a binary task with classes "0" and "5", not six classes with four phantoms."""
+    for i in range(4):
+        png(tmp_path / f"{i}.png")
+    rows = [{"path": f"{i}.png", "label": v} for i, v in enumerate([0, 5, "05", 0])]
+    ds = load_manifest(write_csv(tmp_path / "m.csv", rows))
+    assert ds.class_names == ["0", "5"] and ds.task == "binary"
+    assert ds.labels.tolist() == [0, 1, 1, 0]
+    (note,) = ds.summary()["notes"]
+    assert "m.csv" in note and "[0, 5]" in note and "class_names=" in note
+    with pytest.raises(DataError, match="unknown label '5'"):  # named classes: 5 is no index
+        load_manifest(tmp_path / "m.csv", class_names=["a", "b"])
+    vol = nifti(tmp_path / "v.nii", RNG.uniform(0, 1, (4, 4, 3)).astype(np.float32))
+    ds = load_nifti_volume(vol, label=[2, 7, 2])
+    assert ds.class_names == ["2", "7"] and ds.labels.tolist() == [0, 1, 0]
+    assert ds.task == "binary" and "[2, 7]" in ds.notes[0]
 
 
 def test_manifest_multilabel(tmp_path):
@@ -446,9 +469,16 @@ def test_nifti_canonical_orientation_and_4d(tmp_path):
     four = np.stack([data, data + 100], axis=-1)
     path4 = nifti(tmp_path / "t.nii", four)
     np.testing.assert_array_equal(
-        read_nifti_slices(path4, slices=1, window=(0, 200))[0],
+        read_nifti_slices(path4, slices=1, window=(0, 200), volume=0)[0],
         np.rint(np.rot90(data[:, :, 1]) / 200 * 255),
     )
+    # which of several volumes to read is the user's call, never a silent volume 0
+    with pytest.raises(DataError, match=r"t\.nii: a 4D NIfTI with 2 volumes.*volume=k"):
+        read_nifti_slices(path4, slices=1)
+    with pytest.raises(DataError, match=r"t\.nii: a 4D NIfTI with 2 volumes"):
+        read_image_file(path4)
+    one = nifti(tmp_path / "t1.nii", four[..., :1])  # a single volume needs no choice
+    assert read_nifti_slices(one, slices=1, window=(0, 200))[0].shape == (3, 4)
     np.testing.assert_array_equal(
         read_nifti_slices(path4, slices=1, window=(0, 200), volume=1)[0],
         np.rint(np.rot90(data[:, :, 1] + 100) / 200 * 255),

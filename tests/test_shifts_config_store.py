@@ -98,3 +98,30 @@ def test_records_are_atomic_and_json_safe(tmp_path):
     (tmp_path / "broken.json").write_text("{")
     with pytest.raises(DataError, match=r"broken\.json"):
         read_record(tmp_path / "broken.json")
+
+
+def test_files_written_through_safetensors_are_readable_like_others(tmp_path):
+    """safetensors replaces the file it writes with a 0600 one; the result gets the umask's mode."""
+    import os
+
+    import torch
+
+    from clinadapt.classifier import ImageClassifier
+    from clinadapt.features import FeatureCache
+    from clinadapt.models import load_model
+    from clinadapt.targets import apply_target, save_adapted
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    expected = 0o666 & ~mask
+    json_file = write_record(tmp_path / "r.json", {"a": 1})
+    model = ImageClassifier(load_model("tiny-resnet"), 2)
+    info = apply_target(model, "head")
+    weights = save_adapted(model, tmp_path / "head.safetensors", base="tiny-resnet", target=info)
+    ds = ClinicalDataset("f", ArraySource(np.zeros((3, 8, 8), np.uint8)), [0, 1, 0], ["a", "b"])
+    cache = FeatureCache(tmp_path / "features")
+    with torch.no_grad():
+        cache.features(model, ds, 2, "cpu")
+    (features,) = (tmp_path / "features").glob("*.safetensors")
+    for path in (json_file, weights, features):
+        assert os.stat(path).st_mode & 0o777 == expected, path

@@ -172,6 +172,7 @@ def run_fewshot_sweep(
     todo = [c for c in configs if done.get(c.run_id()) is None]
     for k, seed in sorted({(c.method_options["shots"], c.seed) for c in todo}):
         # every support set is drawn before the backbone runs: too few images fails at once
+        emb.split(seed).train.require_classes()
         support_positions(emb.split(seed).train, k, seed)
     todo_ids = {c.run_id() for c in todo}
     records = []

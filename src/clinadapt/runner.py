@@ -112,6 +112,8 @@ def fit_source(
             f"{method_name!r} is a test-time method; the source must be trained by a fit method"
         )
     opts = method.parse_options(options)
+    if method.reads_labels:
+        split.train.require_classes()
     target = target or method.default_target
     model = build_classifier(cfg, split.train.num_classes, split.train.class_names)
     info = apply_target(model, target, cfg.target_options if method_name == cfg.method else None)

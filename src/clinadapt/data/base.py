@@ -137,6 +137,20 @@ def check_image(img: np.ndarray, where: str) -> np.ndarray:
     return img
 
 
+def integer_classes(
+    present: list[int], where: str, notes: list[str]
+) -> tuple[list[str], dict[int, int]]:
+    """Classes of integer labels: the values present, in order; a note when they have gaps."""
+    names = [str(v) for v in present]
+    if present != list(range(len(present))):
+        notes.append(
+            f"{where}: integer labels {present} are the {len(present)} classes {names} "
+            f"(indices 0..{len(present) - 1}); pass class_names= to name them or to keep "
+            "classes that have no image"
+        )
+    return names, {v: j for j, v in enumerate(present)}
+
+
 @dataclass(repr=False)
 class ClinicalDataset:
     """Images with labels, class names, modality and per-image metadata (split, domain, ...).
@@ -154,6 +168,9 @@ class ClinicalDataset:
     modality: str = "unknown"
     metadata: dict[str, np.ndarray] = field(default_factory=dict)
     index: np.ndarray | None = None  # positions in ``source``; None means all of it
+    # what a reader decided for the user (integer labels with gaps, a split it made, ...):
+    # every record that uses the dataset says so
+    notes: list[str] = field(default_factory=list)
 
     # Fields holding one row per image of the view: subset() and concat() carry them along.
     PER_IMAGE: ClassVar[tuple[str, ...]] = ("labels",)
@@ -298,6 +315,23 @@ class ClinicalDataset:
         desc = ",".join(f"{k}={v}" for k, v in filters.items())
         return self.subset(np.flatnonzero(keep), name=f"{self.name}[{desc}]")
 
+    def require_classes(self, what: str = "training data", minimum: int = 2) -> None:
+        """Fail unless images of at least ``minimum`` classes are present (single-label tasks).
+
+        A classifier trained on one class predicts it everywhere and scores a perfect balanced
+        accuracy on a test set of that class: refuse, naming what there is.
+        """
+        if self.labels.ndim != 1:
+            return
+        present = np.unique(self.labels)
+        if len(present) < minimum:
+            names = [self.class_names[int(c)] for c in present]
+            raise DataError(
+                f"{self.name}: the {what} holds {len(self)} images of only the class(es) {names}; "
+                f"training needs images of at least {minimum} classes (check the labels, the "
+                "split or the source domain)"
+            )
+
     def class_counts(self) -> np.ndarray:
         if self.task == "multilabel":
             return self.labels.sum(0)
@@ -327,6 +361,8 @@ class ClinicalDataset:
             if key in self.metadata:
                 vals, counts = np.unique(self.metadata[key], return_counts=True)
                 out[key + "s"] = dict(zip(vals.tolist(), counts.tolist(), strict=True))
+        if self.notes:
+            out["notes"] = list(self.notes)
         return out
 
     # --- batches -----------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clinadapt.data.base import ClinicalDataset, FileSource, Task, check_image
+from clinadapt.data.base import ClinicalDataset, FileSource, Task, check_image, integer_classes
 from clinadapt.data.dicom import Window, read_dicom, scale_to_uint8
 from clinadapt.data.manifest import SPLIT_ALIASES, ManifestTable, as_index
 from clinadapt.data.nifti import read_nifti_slices
@@ -45,12 +45,17 @@ def _is_dicom(path: Path) -> bool:
     return len(head) == 132 and head[128:] == b"DICM"
 
 
-def _scale_to_uint8(arr: np.ndarray) -> np.ndarray:
-    """Keep uint8; stretch anything else from its own finite min..max onto 0..255."""
+def _scale_to_uint8(arr: np.ndarray, where: str) -> np.ndarray:
+    """Keep uint8; stretch anything else from its own finite min..max onto 0..255.
+
+    An image without a single finite value (all NaN or inf) is an error, not a black image.
+    """
     if arr.dtype == np.uint8:
         return arr
     if arr.dtype == np.bool_:
         return arr.astype(np.uint8) * 255
+    if arr.size and not np.isfinite(arr).any():
+        raise DataError(f"{where}: the image holds no finite value (all NaN or inf)")
     return scale_to_uint8(arr)
 
 
@@ -69,7 +74,7 @@ def _pil_to_array(im, where: str) -> np.ndarray:
     if mode in ("RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"):
         return np.asarray(im.convert("RGB"))
     if mode.startswith("I;16") or mode in ("I", "F"):
-        return _scale_to_uint8(np.asarray(im))
+        return _scale_to_uint8(np.asarray(im), where)
     raise DataError(f"{where}: unsupported image mode {mode!r}")
 
 
@@ -107,7 +112,7 @@ def _read_numpy(path: Path) -> np.ndarray:
         )
     if arr.ndim == 3 and arr.shape[-1] == 4:
         arr = arr[..., :3]  # drop alpha
-    return _scale_to_uint8(arr)
+    return _scale_to_uint8(arr, where)
 
 
 def read_image_file(
@@ -313,6 +318,8 @@ def load_manifest(
 
     # labels
     names = [str(c) for c in class_names] if class_names is not None else None
+    notes: list[str] = []
+    by_value: dict[int, int] | None = None
     if label_col is None:
         if multilabel_sep is not None:
             raise DataError(f"{where}: multilabel_sep needs a label column")
@@ -337,9 +344,11 @@ def load_manifest(
             ints = {t: as_index(t) for t in values}
             words = sorted(t for t, v in ints.items() if v is None)
             if not words:
-                if min(ints.values()) < 0:  # type: ignore[type-var]
-                    raise DataError(f"{where}: negative class index {min(ints.values())}")
-                names = [str(j) for j in range(max(ints.values()) + 1)]  # type: ignore[type-var]
+                present = sorted({v for v in ints.values() if v is not None})
+                if present[0] < 0:
+                    raise DataError(f"{where}: negative class index {present[0]}")
+                # the classes are the integers present: {0, 5} is binary, not 6 classes
+                names, by_value = integer_classes(present, where, notes)
             elif len(words) < len(values):
                 nums = sorted(t for t, v in ints.items() if v is not None)
                 raise DataError(
@@ -355,6 +364,8 @@ def load_manifest(
             if text in lookup:
                 return lookup[text]
             j = as_index(text)
+            if by_value is not None:  # integer labels: "05" is class 5
+                j = by_value.get(j, -1) if j is not None else None
             if j is not None and 0 <= j < len(names):
                 return j
             raise DataError(
@@ -393,4 +404,5 @@ def load_manifest(
         task=_default_task(task, len(names)),
         modality=modality,
         metadata=metadata,
+        notes=notes,
     )

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clinadapt.data.base import ArraySource, ClinicalDataset, Task
+from clinadapt.data.base import ArraySource, ClinicalDataset, Task, integer_classes
 from clinadapt.data.dicom import CT_WINDOWS, scale_to_uint8
 from clinadapt.errors import DataError
 
@@ -42,7 +42,7 @@ def nifti_stem(path: str | Path) -> str:
 _LAST: dict[tuple, tuple[np.ndarray, dict]] = {}
 
 
-def _cached_volume(path: str | Path, volume: int) -> tuple[np.ndarray, dict]:
+def _cached_volume(path: str | Path, volume: int | None) -> tuple[np.ndarray, dict]:
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{path}: no such NIfTI file")
@@ -57,12 +57,15 @@ def _cached_volume(path: str | Path, volume: int) -> tuple[np.ndarray, dict]:
     return hit
 
 
-def load_nifti_array(path: str | Path, volume: int = 0) -> np.ndarray:
-    """The (X,Y,Z) float32 volume in RAS+ orientation (read-only); 4D gives time point ``volume``."""
+def load_nifti_array(path: str | Path, volume: int | None = None) -> np.ndarray:
+    """The (X,Y,Z) float32 volume in RAS+ orientation (read-only); 4D gives time point ``volume``
+    (required when the file holds more than one)."""
     return _cached_volume(path, volume)[0]
 
 
-def nifti_plane_spacing(path: str | Path, axis: int = 2, volume: int = 0) -> tuple[float, float]:
+def nifti_plane_spacing(
+    path: str | Path, axis: int = 2, volume: int | None = None
+) -> tuple[float, float]:
     """Millimetres per pixel (row, col) of the slices :func:`read_nifti_slices` returns.
 
     A slice is ``np.rot90`` of the canonical plane, so its rows run along the second remaining
@@ -73,7 +76,7 @@ def nifti_plane_spacing(path: str | Path, axis: int = 2, volume: int = 0) -> tup
     return float(zooms[b]), float(zooms[a])
 
 
-def _read_volume(path: str | Path, volume: int) -> tuple[np.ndarray, tuple[float, ...]]:
+def _read_volume(path: str | Path, volume: int | None) -> tuple[np.ndarray, tuple[float, ...]]:
     import nibabel as nib
 
     where = str(path)
@@ -88,6 +91,14 @@ def _read_volume(path: str | Path, volume: int) -> tuple[np.ndarray, tuple[float
         raise DataError(
             f"{where}: a NIfTI of shape {img.shape}; expected 3D (X,Y,Z) or 4D (X,Y,Z,T)"
         )
+    if volume is None:  # a time series or multi-volume file: which volume is the user's call
+        if len(shape) == 4 and shape[3] > 1:
+            raise DataError(
+                f"{where}: a 4D NIfTI with {shape[3]} volumes (shape {img.shape}); clinadapt "
+                "reads one 3D volume: pass volume=k (0..{}) to read that one, or split the "
+                "file".format(shape[3] - 1)
+            )
+        volume = 0
     if len(shape) == 4 and not 0 <= volume < shape[3]:
         raise DataError(
             f"{where}: volume {volume} is out of range; the file has {shape[3]} time points"
@@ -158,7 +169,7 @@ def _slice_positions(slices: Slices, n: int, axis: int, where: str) -> list[int]
 
 
 def _planes(
-    path: str | Path, axis: int, slices: Slices, volume: int
+    path: str | Path, axis: int, slices: Slices, volume: int | None
 ) -> tuple[list[int], np.ndarray, dict]:
     """The slice positions asked for, the volume and its statistics."""
     if axis not in (0, 1, 2):
@@ -168,7 +179,7 @@ def _planes(
 
 
 def read_nifti_planes(
-    path: str | Path, axis: int, slices: Slices, window: IntensityWindow, volume: int = 0
+    path: str | Path, axis: int, slices: Slices, window: IntensityWindow, volume: int | None = None
 ) -> tuple[list[int], list[np.ndarray]]:
     """Slice positions and uint8 slices, as :func:`read_nifti_slices` reads them."""
     positions, data, stats = _planes(path, axis, slices, volume)
@@ -186,13 +197,13 @@ def read_nifti_slices(
     slices: Slices = "middle",
     window: IntensityWindow = "percentile",
     *,
-    volume: int = 0,
+    volume: int | None = None,
 ) -> list[np.ndarray]:
     """Read 2D uint8 slices of a NIfTI volume along ``axis`` of its RAS+ orientation.
 
     ``axis`` 0/1/2 gives sagittal/coronal/axial slices; each slice is ``np.rot90`` of the
     canonical array's plane, so anterior (axial) or superior (sagittal, coronal) is at the top.
-    A 4D file (X,Y,Z,T) is read at time point ``volume`` (0 by default). Intensities map onto
+    A 4D file (X,Y,Z,T) is read at time point ``volume``, which must be given when T > 1. Intensities map onto
     0..255 by one range for the whole volume: ``"percentile"`` (0.5-99.5th percentiles, the
     default), ``(low, high)``, ``"minmax"``/``None`` (full range), or a CT preset name.
     """
@@ -200,7 +211,7 @@ def read_nifti_slices(
 
 
 def read_nifti_labels(
-    path: str | Path, axis: int = 2, slices: Slices = "all", *, volume: int = 0
+    path: str | Path, axis: int = 2, slices: Slices = "all", *, volume: int | None = None
 ) -> tuple[list[int], list[np.ndarray]]:
     """Slice positions and the raw (unscaled) values of each slice, oriented as the images."""
     positions, data, _ = _planes(path, axis, slices, volume)
@@ -224,7 +235,7 @@ def load_nifti_volume(
     class_names: Sequence[str] | None = None,
     window: IntensityWindow = "percentile",
     *,
-    volume: int = 0,
+    volume: int | None = None,
     modality: str = "unknown",
     task: Task | None = None,
     metadata: Mapping[str, str] | None = None,
@@ -240,6 +251,7 @@ def load_nifti_volume(
     where = str(path)
     positions, imgs = read_nifti_planes(path, axis, slices, window, volume)
     n = len(imgs)
+    notes: list[str] = []
     names = [str(c) for c in class_names] if class_names is not None else None
     if label is None:
         names = names or ["unlabelled"]
@@ -248,11 +260,12 @@ def load_nifti_volume(
         raw = [label] * n if isinstance(label, int | str | np.integer) else list(label)
         if len(raw) != n:
             raise DataError(f"{where}: {len(raw)} labels for {n} slices")
-        if names is None:
-            if all(isinstance(v, int | np.integer) for v in raw):
-                names = [str(i) for i in range(int(max(raw)) + 1)]
-            else:
-                names = sorted({str(v) for v in raw})
+        if names is None and all(isinstance(v, int | np.integer) for v in raw):
+            # the classes are the integers present: {0, 5} is binary, not 6 classes
+            names, by_value = integer_classes(sorted({int(v) for v in raw}), where, notes)
+            raw = [by_value[int(v)] for v in raw]
+        elif names is None:
+            names = sorted({str(v) for v in raw})
         labels = np.array([_label_index(v, names, where, i) for i, v in enumerate(raw)])
     meta = {
         "patient_id": np.full(n, nifti_stem(path)),
@@ -268,4 +281,5 @@ def load_nifti_volume(
         task=task or ("binary" if len(names) == 2 else "multiclass"),
         modality=modality,
         metadata=meta,
+        notes=notes,
     )

@@ -460,7 +460,7 @@ def load_nifti_segmentation(
     window: IntensityWindow = "percentile",
     *,
     class_names: Sequence[str] | None = None,
-    volume: int = 0,
+    volume: int | None = None,
     modality: str = "unknown",
     metadata: Mapping[str, str] | None = None,
     name: str | None = None,

@@ -47,10 +47,15 @@ def balanced_accuracy(labels: np.ndarray, probs: np.ndarray) -> float:
 
 
 def macro_f1(labels: np.ndarray, probs: np.ndarray) -> float:
-    """Unweighted mean F1 over all K classes (a class never predicted nor present scores 0)."""
+    """Unweighted mean F1 over the classes present in ``labels`` or predicted.
+
+    As scikit-learn's ``f1_score(average="macro")``: a class neither present nor predicted
+    (common under prevalence shift) is left out rather than scored 0; a predicted class that is
+    absent scores 0.
+    """
     pred = np.argmax(probs, 1)
     f1s = []
-    for c in range(probs.shape[1]):
+    for c in np.union1d(np.unique(labels), np.unique(pred)):
         tp = np.sum((pred == c) & (labels == c))
         fp = np.sum((pred == c) & (labels != c))
         fn = np.sum((pred != c) & (labels == c))
@@ -222,3 +227,15 @@ def compute_metrics(
         sens, spec = sensitivity_specificity(labels == 1, probs[:, 1], 0.5)
         out[AT_HALF["sensitivity"]], out[AT_HALF["specificity"]] = sens, spec
     return out
+
+
+def metric_names(task: str, num_classes: int) -> list[str]:
+    """The names :func:`compute_metrics` returns for ``task`` with ``num_classes`` classes."""
+    k = max(int(num_classes), 1)
+    if task == "multilabel":
+        labels = np.vstack([np.eye(k, dtype=np.int64), np.zeros((1, k), np.int64)])
+        probs = np.full(labels.shape, 0.5)
+    else:
+        labels = np.arange(max(k, 2)) % k
+        probs = np.full((len(labels), k), 1.0 / k)
+    return [m for m in compute_metrics(labels, probs, task) if m != "n"]

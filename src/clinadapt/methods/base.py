@@ -64,6 +64,9 @@ class FitMethod(Method):
 
     kind = "fit"
     default_target: ClassVar[str] = "head"
+    #: Whether ``fit`` learns from the labels (zero-shot does not): then the training data must
+    #: hold at least two classes.
+    reads_labels: ClassVar[bool] = True
 
     @abc.abstractmethod
     def fit(

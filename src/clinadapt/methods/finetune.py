@@ -16,7 +16,8 @@ from clinadapt.classifier import ImageClassifier
 from clinadapt.data.base import ClinicalDataset
 from clinadapt.data.fewshot import sample_few_shot
 from clinadapt.errors import ClinadaptError, ConfigError, IncompatibleError
-from clinadapt.evaluation.metrics import compute_metrics
+from clinadapt.evaluation.metrics import compute_metrics, metric_names
+from clinadapt.evaluation.subgroups import lower_is_better
 from clinadapt.methods.base import METHODS, Context, FitMethod, Options, predict_proba
 from clinadapt.progress import bar
 from clinadapt.targets.io import adapted_state, save_adapted
@@ -31,7 +32,11 @@ class FinetuneOptions(Options):
     class_balanced: bool = Field(False, description="weight the loss by inverse class frequency")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross-entropy label smoothing")
     patience: int | None = Field(10, description="stop after this many epochs without improvement")
-    monitor: str = Field("balanced_accuracy", description="validation metric to select on")
+    monitor: str | None = Field(
+        None,
+        description="validation metric to select the epoch on (default: balanced_accuracy; "
+        "auroc for multi-label); nll, ece and brier select their lowest value",
+    )
     shots: int | None = Field(
         None, ge=1, description="train on a K-shot subset per class (None: all training data)"
     )
@@ -40,6 +45,12 @@ class FinetuneOptions(Options):
         description="write the best epoch's adapted parameters and buffers to this .safetensors "
         "file (the frozen rest of the model is not saved)",
     )
+
+
+def default_monitor(task: str) -> str:
+    """The validation metric that selects the epoch: AUROC for multi-label data (it has no
+    balanced accuracy), balanced accuracy otherwise."""
+    return "auroc" if task == "multilabel" else "balanced_accuracy"
 
 
 def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
@@ -130,6 +141,14 @@ class Finetune(FitMethod):
             opt, lambda s: cosine_with_warmup(s, total, warmup)
         )
         weight = class_weights(train).to(ctx.device) if options.class_balanced else None
+        monitor = options.monitor or default_monitor(train.task)
+        known = metric_names(train.task, train.num_classes)
+        if monitor not in known:  # before any training, not after the first epoch
+            raise ConfigError(
+                f"{self.name}: monitor {monitor!r} is not a {train.task} metric; choose one of "
+                f"{', '.join(known)}"
+            )
+        sign = -1.0 if lower_is_better(monitor) else 1.0  # compare as "higher is better"
         history: list[dict[str, float]] = []
         best, best_state, best_epoch, stale = -math.inf, None, -1, 0
         pbar = bar(total, self.name)
@@ -162,14 +181,10 @@ class Finetune(FitMethod):
                     m = compute_metrics(
                         val.labels, predict_proba(model, val, ctx, desc="validate"), val.task
                     )
-                    if options.monitor not in m:
-                        raise ConfigError(
-                            f"{self.name}: monitor {options.monitor!r} not in {sorted(m)}"
-                        )
-                    row["val_" + options.monitor] = score = m[options.monitor]
-                    pbar.set_postfix(epoch=epoch, loss=f"{row['loss']:.3f}", val=f"{score:.3f}")
-                    if score > best:
-                        best, best_epoch, stale = score, epoch, 0
+                    row["val_" + monitor] = value = m[monitor]
+                    pbar.set_postfix(epoch=epoch, loss=f"{row['loss']:.3f}", val=f"{value:.3f}")
+                    if value == value and sign * value > best:  # NaN (undefined) never wins
+                        best, best_epoch, stale = sign * value, epoch, 0
                         best_state = adapted_state(model)
                     else:
                         stale += 1
@@ -182,9 +197,14 @@ class Finetune(FitMethod):
             model.load_state_dict(best_state, strict=False)
         out = {
             "history": history,
+            "monitor": monitor,
             "best_epoch": best_epoch,
-            "best_val": best if best_state else None,
+            "best_val": sign * best if best_state else None,
         }
+        if val is None:
+            out["selection"] = "no validation data: the last epoch"
+        elif best_state is None:
+            out["selection"] = f"{monitor} undefined on validation: the last epoch"
         if options.checkpoint:  # the model now holds the best epoch's state
             out["checkpoint_file"] = str(
                 save_adapted(model, options.checkpoint, base=model.encoder.name)

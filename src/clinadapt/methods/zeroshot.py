@@ -129,6 +129,7 @@ class ZeroShot(FitMethod):
     """Set the head to the text embeddings of the class prompts; no label is read."""
 
     name = "zeroshot"
+    reads_labels = False
     changes = "nothing trained (text-embedding head)"
     default_target = "head"
     Options = ZeroShotOptions
