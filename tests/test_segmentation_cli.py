@@ -34,6 +34,11 @@ def _ok(result):
     return result
 
 
+def _segment_json(*args: str) -> list[dict]:
+    """`clinadapt segment ARGS --json`, checked, parsed."""
+    return json.loads(_ok(runner.invoke(app, ["segment", *args, "--json"])).stdout)
+
+
 def test_segmenters_listing():
     names = {
         e["name"] for e in json.loads(_ok(runner.invoke(app, ["segmenters", "--json"])).stdout)
@@ -44,9 +49,8 @@ def test_segmenters_listing():
 def test_segment_one_png_with_a_box_writes_the_mask_and_overlay(tmp_path):
     img = _png(tmp_path / "scan.png")
     out = tmp_path / "masks"
-    args = ["segment", "--model", "tiny-medsam", "--image", str(tmp_path / "scan.png")]
-    res = _ok(runner.invoke(app, [*args, "--box", "20,10,49,29", "--out", str(out), "--json"]))
-    (item,) = json.loads(res.stdout)
+    args = ["--model", "tiny-medsam", "--image", str(tmp_path / "scan.png")]
+    (item,) = _segment_json(*args, "--box", "20,10,49,29", "--out", str(out))
     mask = np.asarray(Image.open(item["mask"]))
     assert mask.shape == img.shape and set(np.unique(mask)) <= {0, 1}
     # the written mask is what the Python API gives for the same prompt
@@ -68,24 +72,16 @@ def test_segment_a_folder_with_a_csv_prompts_file(tmp_path):
         "b.png,,,,,,20,20,1,\n"
     )
     out = tmp_path / "masks"
-    res = _ok(
-        runner.invoke(
-            app,
-            [
-                "segment",
-                "--model",
-                "tiny-sam",
-                "--images",
-                str(folder),
-                "--prompts",
-                str(tmp_path / "p.csv"),
-                "--out",
-                str(out),
-                "--json",
-            ],
-        )
+    items = _segment_json(
+        "--model",
+        "tiny-sam",
+        "--images",
+        str(folder),
+        "--prompts",
+        str(tmp_path / "p.csv"),
+        "--out",
+        str(out),
     )
-    items = json.loads(res.stdout)
     assert [i["objects"] for i in items] == [2, 1]
     assert (out / "a_mask.png").is_file() and (out / "b_overlay.png").is_file()
     assert set(np.unique(np.asarray(Image.open(out / "a_mask.png")))) <= {0, 1, 2}
@@ -98,26 +94,19 @@ def test_segment_a_nifti_volume_keeps_its_geometry(tmp_path):
     affine = np.diag([0.7, 0.7, 2.5, 1.0])
     nib.save(nib.Nifti1Image(hu, affine), tmp_path / "ct.nii.gz")
     out = tmp_path / "masks"
-    res = _ok(
-        runner.invoke(
-            app,
-            [
-                "segment",
-                "--model",
-                "tiny-medsam",
-                "--image",
-                str(tmp_path / "ct.nii.gz"),
-                "--box",
-                "15,10,34,24",
-                "--modality",
-                "ct",
-                "--out",
-                str(out),
-                "--json",
-            ],
-        )
+    image = str(tmp_path / "ct.nii.gz")
+    (item,) = _segment_json(
+        "--model",
+        "tiny-medsam",
+        "--image",
+        image,
+        "--box",
+        "15,10,34,24",
+        "--modality",
+        "ct",
+        "--out",
+        str(out),
     )
-    (item,) = json.loads(res.stdout)
     assert item["objects"] == 3  # one per slice
     written = nib.load(item["mask"])
     assert written.shape == (40, 50, 3)
@@ -140,22 +129,9 @@ def test_segment_with_adapted_weights_and_a_learned_prompt(tmp_path):
         seg, tmp_path / "adapted.safetensors", target=info, metadata=class_names_metadata(seg)
     )
     img = _png(tmp_path / "scan.png")
-    res = _ok(
-        runner.invoke(
-            app,
-            [
-                "segment",
-                "--weights",
-                str(path),
-                "--image",
-                str(tmp_path / "scan.png"),
-                "--out",
-                str(tmp_path / "m"),
-                "--json",
-            ],
-        )
+    (item,) = _segment_json(
+        "--weights", str(path), "--image", str(tmp_path / "scan.png"), "--out", str(tmp_path / "m")
     )
-    (item,) = json.loads(res.stdout)
     mask = np.asarray(Image.open(item["mask"]))
     np.testing.assert_array_equal(mask, seg.segment(img).label_map())
     loaded = load_for_inference(None, str(path))
@@ -197,3 +173,43 @@ def test_overlay_draws_masks_contours_reference_and_prompts():
     assert pic[0, 0].sum() == 0  # untouched background
     with pytest.raises(DataError, match="does not fit"):
         overlay(img, labels[:5], None)
+
+
+def test_segment_a_dataset_with_prompts_derived_from_its_masks(tmp_path):
+    out = tmp_path / "masks"
+    items = _segment_json(
+        "--model",
+        "tiny-medsam",
+        "--data",
+        "clinical-shift-seg",
+        "--limit",
+        "3",
+        "--derive",
+        "box",
+        "--jitter",
+        "5",
+        "--out",
+        str(out),
+    )
+    assert len(items) == 3
+    assert (out / "clinical-shift-seg_00000_mask.png").is_file()
+    assert (out / "clinical-shift-seg_00000_overlay.png").is_file()
+    from clinadapt.data import load_dataset
+    from clinadapt.segmentation.prompts import PromptSpec
+
+    ds = load_dataset("clinical-shift-seg")
+    d = PromptSpec(kind="box", jitter=5).derive(ds.mask(1), 1, seed=0)
+    want = load_segmenter("tiny-medsam").predict(
+        load_segmenter("tiny-medsam").embed(ds.image(1)), d.prompts
+    )
+    got = np.asarray(Image.open(out / "clinical-shift-seg_00001_mask.png"))
+    np.testing.assert_array_equal(got, want.label_map() if len(want.probs) else 0)
+    res = runner.invoke(
+        app,
+        ["segment", "--model", "tiny-sam", "--data", "clinical-shift-seg", "--derive", "scribble"],
+    )
+    assert res.exit_code != 0 and "prompt options" in str(res.exception)
+    res = runner.invoke(app, ["segment", "--model", "tiny-sam", "--data", "clinical-shift"])
+    assert res.exit_code != 0 and "segmentation dataset" in str(res.exception)
+    res = runner.invoke(app, ["segment", "--model", "tiny-sam"])
+    assert res.exit_code != 0 and "--data DATASET" in str(res.exception)

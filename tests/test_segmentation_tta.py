@@ -84,6 +84,8 @@ def test_mask_probs_match_predict_and_empty_references_ask_nothing(data):
     assert m.probs.shape == (0, 64, 64) and not m.label_map().any()
     out = seg.predict(seg.embed(images[0]), empty)
     assert out.probs.shape == (0, 64, 64)
+    via_call = seg(images[:1], prompts[:1])[0].probs
+    torch.testing.assert_close(via_call, maps[0].probs)
     labels = predict_dataset(seg, sub, prompts)
     assert len(labels) == len(sub) and labels[0].shape == (64, 64)
 

@@ -97,6 +97,18 @@ def segment(
         list[Path] | None, typer.Option("--image", help="an image file (repeatable); NIfTI too")
     ] = None,
     images: Annotated[Path | None, typer.Option("--images", help="a folder of images")] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(help="a segmentation dataset (name or path): prompts derived from its masks"),
+    ] = None,
+    derive: Annotated[
+        str, typer.Option(help="with --data: box, points, box+points or mask (per class)")
+    ] = "box",
+    jitter: Annotated[
+        int, typer.Option(help="with --data: box jitter in pixels (MedSAM: 20)")
+    ] = 20,
+    limit: Annotated[int | None, typer.Option(help="with --data: the first N images")] = None,
+    seed: Annotated[int, typer.Option(help="with --data: seed of the derived prompts")] = 0,
     model: Annotated[
         str | None,
         typer.Option(help="segmenter (clinadapt segmenters); default: the adapted file's base"),
@@ -133,22 +145,37 @@ def segment(
 
     from clinadapt.errors import ConfigError
     from clinadapt.progress import set_quiet
-    from clinadapt.segmentation.apply import list_images, load_for_inference, segment_files
+    from clinadapt.segmentation.apply import (
+        list_images,
+        load_for_inference,
+        segment_dataset,
+        segment_files,
+    )
 
     set_quiet(quiet or as_json)
     files: list[Path] = list(image or [])
     if images is not None:
         files += list_images(images)
-    if not files:
-        raise ConfigError("give --image FILE (repeatable) or --images FOLDER")
+    if bool(files) == bool(data):
+        raise ConfigError("give --image FILE (repeatable) / --images FOLDER, or --data DATASET")
     if model is None and weights is None:
         model = "medsam"
     seg = load_for_inference(model, weights, device)
 
     def show(item: Any) -> None:
         if not (quiet or as_json):
-            console.print(f"{item.image}: {item.objects} object(s) -> [bold]{item.mask}[/bold]")
+            console.print(f"{item.image}: {item.objects} object(s) -> {item.mask}")
 
+    if data is not None:
+        from clinadapt.data import load_dataset
+        from clinadapt.segmentation.prompts import prompt_spec
+
+        spec = prompt_spec(kind=derive, jitter=jitter)
+        ds = load_dataset(data)
+        done = segment_dataset(seg, ds, out, spec, limit=limit, seed=seed, on_done=show)
+        if as_json:
+            print(json.dumps([dataclasses.asdict(d) for d in done], indent=2))
+        return
     done = segment_files(
         seg,
         files,

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from clinadapt.errors import ConfigError, DataError
 from clinadapt.segmentation.base import Segmenter
 from clinadapt.segmentation.io import is_nifti, overlay, read_input, stem, write_masks, write_png
@@ -201,3 +203,50 @@ def class_names_metadata(seg: Segmenter) -> dict[str, str]:
     if seg.default_prompt is None:
         return {}
     return {"class_names": "\n".join(seg.default_prompt.class_names)}
+
+
+def segment_dataset(
+    seg: Segmenter,
+    dataset,
+    out_dir: str | os.PathLike[str],
+    spec,
+    *,
+    limit: int | None = None,
+    seed: int = 0,
+    on_done: Callable[[Segmented], Any] | None = None,
+) -> list[Segmented]:
+    """Segment a segmentation dataset's images with prompts derived from their references.
+
+    Writes ``<dataset>_<index>_mask.png`` and an overlay with the reference contour (white) and
+    the derived prompt, per image.
+    """
+    from clinadapt.segmentation.prompts import derive_for
+
+    if getattr(dataset, "task", None) != "segmentation":
+        raise DataError(
+            f"{dataset.name} is a {dataset.task} dataset: prompts are derived from reference "
+            "masks, so --data needs a segmentation dataset"
+        )
+    view = dataset if limit is None else dataset.subset(range(min(limit, len(dataset))))
+    out = Path(out_dir)
+    done: list[Segmented] = []
+    for i, derived in enumerate(derive_for(view, spec, seed)):
+        image, reference = view.pair(i)
+        result = seg.predict(seg.embed(image), derived.prompts)
+        labels = result.label_map() if len(result.probs) else np.zeros(reference.shape, np.int64)
+        base = f"{dataset.name}_{int(view.index[i]):05d}"
+        mask = write_png(out / f"{base}_mask.png", labels.astype(np.uint8))
+        prompts = None if derived.prompts.is_empty else derived.prompts
+        picture = overlay(image, labels, prompts, reference=reference)
+        item = Segmented(
+            view.describe(i),
+            str(mask),
+            [str(write_png(out / f"{base}_overlay.png", picture))],
+            objects=len(result.scores),
+            foreground_pixels=int((labels > 0).sum()),
+            scores=[float(s) for s in result.scores],
+        )
+        done.append(item)
+        if on_done is not None:
+            on_done(item)
+    return done

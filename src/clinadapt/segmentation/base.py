@@ -318,6 +318,12 @@ class Segmenter(nn.Module, MaskModel):
             out.append(ProbMap(self.upsample(low, frame), False, ids))
         return out
 
+    def forward(
+        self, images: Sequence[np.ndarray | torch.Tensor], prompts: Sequence[Prompts]
+    ) -> list[ProbMap]:
+        """``segmenter(images, prompts)`` is :meth:`mask_probs`."""
+        return self.mask_probs(images, prompts)
+
     def segment(
         self,
         image: np.ndarray | torch.Tensor,

@@ -579,6 +579,21 @@ class PromptSpec(BaseModel):
         )
 
 
+def prompt_spec(**fields: Any) -> PromptSpec:
+    """A checked :class:`PromptSpec`; a bad field is a ConfigError naming it."""
+    from pydantic import ValidationError
+
+    from clinadapt.errors import ConfigError
+
+    try:
+        return PromptSpec(**fields)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()
+        )
+        raise ConfigError(f"prompt options {fields}: {problems}") from None
+
+
 def derive_for(dataset: Any, spec: PromptSpec, seed: int = 0) -> list[DerivedPrompts]:
     """Prompts for every image of a segmentation dataset (view), in its order."""
     index = np.asarray(dataset.index)

@@ -31,10 +31,12 @@ def fix_positional_embedding(sam: nn.Module) -> None:
         module.register_buffer("positional_embedding", value)
 
 
-class SamSegmenter(Segmenter):
-    """SAM ViT-B/L/H and MedSAM: a transformers ``SamModel`` and its preprocessing rule."""
+class TransformersSam(Segmenter):
+    """A transformers ``SamModel`` or ``Sam2Model`` (``self.sam``) and its preprocessing rule."""
 
-    family = "sam"
+    # SAM 2's decoder needs a sparse token: with no point and no box, one "not a point" is
+    # embedded, as Sam2Model.forward does.
+    pad_empty_prompt: bool = False
 
     def __init__(
         self, name: str, sam: nn.Module, preprocessing: SegPreprocessing, source: str
@@ -46,7 +48,6 @@ class SamSegmenter(Segmenter):
             mask_input_size=4 * (cfg.image_size // cfg.patch_size),
             source=source,
         )
-        fix_positional_embedding(sam)
         self.sam = sam
 
     @property
@@ -60,9 +61,6 @@ class SamSegmenter(Segmenter):
     @property
     def mask_decoder(self) -> nn.Module:
         return self.sam.mask_decoder
-
-    def encode(self, pixel_values: torch.Tensor) -> Features:
-        return self.sam.vision_encoder(pixel_values).last_hidden_state
 
     def embed_prompts(
         self,
@@ -72,6 +70,11 @@ class SamSegmenter(Segmenter):
         masks: torch.Tensor | None,
         count: int,
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        if self.pad_empty_prompt and points is None and boxes is None:
+            dev = self.sam.prompt_encoder.no_mask_embed.weight.device
+            points = torch.zeros(count, 1, 2, device=dev)
+            labels = -torch.ones(count, 1, dtype=torch.int64, device=dev)
+        # each object is its own row: (N, 1, ...) with a point batch of one
         sparse, dense = self.sam.prompt_encoder(
             input_points=None if points is None else points[:, None],
             input_labels=None if labels is None else labels[:, None],
@@ -80,27 +83,51 @@ class SamSegmenter(Segmenter):
         )
         if dense.shape[0] != count:
             dense = dense.expand(count, *dense.shape[1:])
-        if sparse is not None and sparse.shape[0] != count:
-            raise ValueError(f"{sparse.shape[0]} sparse prompts for {count} objects")
         return sparse, dense
 
-    def decode(
-        self, features: Features, sparse: torch.Tensor | None, dense: torch.Tensor, multimask: bool
+    def _decode(
+        self,
+        features: torch.Tensor,
+        sparse: torch.Tensor | None,
+        dense: torch.Tensor,
+        multimask: bool,
+        **extra: object,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        assert isinstance(features, torch.Tensor)
         n = features.shape[0]
         pe = self.sam.get_image_wide_positional_embeddings().expand(n, -1, -1, -1)
-        low, iou = self.sam.mask_decoder(
+        low, iou, *_ = self.sam.mask_decoder(
             image_embeddings=features,
             image_positional_embeddings=pe,
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             multimask_output=multimask,
+            **extra,
         )
         return low[:, 0], iou[:, 0]
 
 
-class Sam2Segmenter(Segmenter):
+class SamSegmenter(TransformersSam):
+    """SAM ViT-B/L/H and MedSAM on transformers' ``SamModel``."""
+
+    family = "sam"
+
+    def __init__(
+        self, name: str, sam: nn.Module, preprocessing: SegPreprocessing, source: str
+    ) -> None:
+        fix_positional_embedding(sam)
+        super().__init__(name, sam, preprocessing, source)
+
+    def encode(self, pixel_values: torch.Tensor) -> Features:
+        return self.sam.vision_encoder(pixel_values).last_hidden_state
+
+    def decode(
+        self, features: Features, sparse: torch.Tensor | None, dense: torch.Tensor, multimask: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        assert isinstance(features, torch.Tensor)
+        return self._decode(features, sparse, dense, multimask)
+
+
+class Sam2Segmenter(TransformersSam):
     """SAM 2 (Hiera image encoder, FPN neck, high-resolution skip features in the decoder).
 
     Only the image path of SAM 2 is used (no memory): each image is segmented on its own, with
@@ -108,29 +135,7 @@ class Sam2Segmenter(Segmenter):
     """
 
     family = "sam2"
-
-    def __init__(
-        self, name: str, sam: nn.Module, preprocessing: SegPreprocessing, source: str
-    ) -> None:
-        super().__init__(
-            name,
-            preprocessing,
-            mask_input_size=int(sam.prompt_encoder.mask_input_size[0]),
-            source=source,
-        )
-        self.sam = sam
-
-    @property
-    def encoder(self) -> nn.Module:
-        return self.sam.vision_encoder
-
-    @property
-    def prompt_encoder(self) -> nn.Module:
-        return self.sam.prompt_encoder
-
-    @property
-    def mask_decoder(self) -> nn.Module:
-        return self.sam.mask_decoder
+    pad_empty_prompt = True
 
     def encoder_modules(self) -> list[nn.Module]:
         # the decoder's conv_s0/conv_s1 project the high-resolution features once per image
@@ -148,43 +153,13 @@ class Sam2Segmenter(Segmenter):
             for f, size in zip(maps, self.sam.backbone_feature_sizes, strict=True)
         ]
 
-    def embed_prompts(
-        self,
-        points: torch.Tensor | None,
-        labels: torch.Tensor | None,
-        boxes: torch.Tensor | None,
-        masks: torch.Tensor | None,
-        count: int,
-    ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        dev = self.sam.no_memory_embedding.device
-        if points is None and boxes is None:  # as Sam2Model.forward: one "not a point"
-            points = torch.zeros(count, 1, 2, device=dev)
-            labels = -torch.ones(count, 1, dtype=torch.int64, device=dev)
-        sparse, dense = self.sam.prompt_encoder(
-            input_points=None if points is None else points[:, None],
-            input_labels=None if labels is None else labels[:, None],
-            input_boxes=None if boxes is None else boxes[:, None],
-            input_masks=masks,
-        )
-        if dense.shape[0] != count:
-            dense = dense.expand(count, *dense.shape[1:])
-        return sparse, dense
-
     def decode(
         self, features: Features, sparse: torch.Tensor | None, dense: torch.Tensor, multimask: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
         assert isinstance(features, list)
-        n = features[-1].shape[0]
-        pe = self.sam.get_image_wide_positional_embeddings().expand(n, -1, -1, -1)
-        low, iou, *_ = self.sam.mask_decoder(
-            image_embeddings=features[-1],
-            image_positional_embeddings=pe,
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=multimask,
-            high_resolution_features=features[:-1],
+        return self._decode(
+            features[-1], sparse, dense, multimask, high_resolution_features=features[:-1]
         )
-        return low[:, 0], iou[:, 0]
 
 
 def build_sam(kind: str, config: dict[str, Any]) -> nn.Module:

@@ -9,7 +9,6 @@ their prompts, and returns a label map per image in stream order. The prompts ar
 from __future__ import annotations
 
 import abc
-import copy
 from collections import deque
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -19,7 +18,7 @@ import torch
 
 from clinadapt.errors import IncompatibleError
 from clinadapt.methods.base import Context, Options, TTAMethod
-from clinadapt.methods.tta.adapter import GuardOptions, record_reset
+from clinadapt.methods.tta.adapter import Adapter, GuardOptions, record_reset
 from clinadapt.progress import progress
 from clinadapt.segmentation.predict import MaskModel, ProbMap
 from clinadapt.segmentation.prompts import Prompts
@@ -116,32 +115,19 @@ def make_guard(options: GuardOptions) -> SegCollapseGuard:
     )
 
 
-class SegAdapter(abc.ABC):
-    """One private model copy adapting along a stream; ``reset`` returns to the source state."""
-
-    def __init__(self, model: Any, optimizer: torch.optim.Optimizer | None) -> None:
-        self.model = model
-        self.optimizer = optimizer
-        self._model_state = copy.deepcopy(model.state_dict())
-        self._optim_state = copy.deepcopy(optimizer.state_dict()) if optimizer else None
-
-    def reset(self) -> None:
-        self.model.load_state_dict(self._model_state)
-        if self.optimizer is not None and self._optim_state is not None:
-            self.optimizer.load_state_dict(copy.deepcopy(self._optim_state))
-        self.on_reset()
-
-    def on_reset(self) -> None:  # noqa: B027  (an optional hook, not abstract)
-        """Clear state kept outside the model (a teacher, statistics, ...)."""
+class SegAdapter(Adapter):
+    """One private model copy adapting along a segmentation stream (reset as classification's)."""
 
     @abc.abstractmethod
-    def forward_and_adapt(
+    def forward_and_adapt(  # type: ignore[override]
         self, images: list[np.ndarray], prompts: list[Prompts]
     ) -> tuple[list[ProbMap], torch.Tensor | None]:
         """Predict a batch while adapting; return its probability maps and the loss (or None)."""
 
     @torch.no_grad()
-    def predict(self, images: list[np.ndarray], prompts: list[Prompts]) -> list[ProbMap]:
+    def predict(  # type: ignore[override]
+        self, images: list[np.ndarray], prompts: list[Prompts]
+    ) -> list[ProbMap]:
         return self.model.mask_probs(images, prompts)
 
 
