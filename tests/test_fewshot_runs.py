@@ -235,9 +235,10 @@ def test_finetune_beats_chance_on_the_built_in_data(tmp_path):
         method="finetune",
         target="full",
         out_dir=str(tmp_path),
-        data_options={"patients_per_site": 120},
         method_options={"epochs": 20},
     )
     record = run_experiment(cfg)
-    assert record["metrics"]["site-a"]["balanced_accuracy"] > 0.4  # chance: 0.25
-    assert record["training"]["best_val"] > 0.5
+    # the built-in size (200 patients per site): 0.79 and 0.78 for seeds 0 and 1; with 120
+    # patients per site tiny-resnet over-fits its ~150 training images (0.20-0.24)
+    assert record["metrics"]["site-a"]["balanced_accuracy"] > 0.6  # chance: 0.25
+    assert record["training"]["best_val"] > 0.6

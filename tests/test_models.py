@@ -161,3 +161,21 @@ def test_weights_and_pretrained_false_conflict(tmp_path):
         load_model("resnet50", weights=tmp_path, pretrained=False)
     with pytest.raises(WeightsUnavailableError, match="does not exist"):
         load_model("resnet50", weights=tmp_path / "missing.safetensors")
+
+
+def test_tiny_resnet_is_as_narrow_as_its_description():
+    """No layer of tiny-resnet is wider than 16 channels before its second stage."""
+    net = load_model("tiny-resnet").image_encoder
+    assert "16-128 channels" in MODELS.get("tiny-resnet").description
+    seen: list[int] = []
+    handle = net.maxpool.register_forward_hook(lambda m, i, o: seen.append(o.shape[1]))
+    with torch.no_grad():
+        net.forward_features(torch.zeros(1, 3, 64, 64))
+    handle.remove()
+    assert seen == [16]  # the pooled stem output feeds layer1 (16 channels) without a projection
+    stem_and_stage1 = [net.conv1, net.layer1]
+    convs = [
+        m for part in stem_and_stage1 for m in part.modules() if isinstance(m, torch.nn.Conv2d)
+    ]
+    assert max(c.out_channels for c in convs) == 16
+    assert net.layer1[0].downsample is None

@@ -27,8 +27,12 @@ def test_norm_on_resnet_opens_batchnorm_affine():
     model = ImageClassifier(load_model("tiny-resnet"), 4)
     info = apply_target(model, "norm")
     bn = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(bn) == 3 + 2 * 4 + 3  # deep stem, two per block, three projections
     assert info.trainable == sum(2 * m.num_features for m in bn)
-    assert all(".bn" in n or "downsample.1" in n for n in _grads(model))
+    bn_params = {
+        f"{mn}.{pn}" for mn, m in model.named_modules() if m in bn for pn, _ in m.named_parameters()
+    }
+    assert _grads(model) == bn_params
 
 
 def test_bias_target_and_errors():

@@ -77,7 +77,13 @@ def test_tent_step_is_an_entropy_gradient_step_on_norm_parameters():
     torch.testing.assert_close(logits, copy.deepcopy(model).train()(x), atol=1e-5, rtol=1e-5)
     # only norm affine parameters are trainable, and every one of them moved
     names = set(trainable(adapter.model))
-    assert names and all(".bn" in n or "downsample.1" in n for n in names)
+    norm = {
+        f"{mn}.{pn}"
+        for mn, m in model.named_modules()  # the adapter's copy, before tent configured it
+        if isinstance(m, torch.nn.BatchNorm2d)
+        for pn, _ in m.named_parameters()
+    }
+    assert names == norm
 
 
 def test_tent_default_is_adam_1e3_and_its_first_step_is_lr_times_sign():
@@ -88,14 +94,19 @@ def test_tent_default_is_adam_1e3_and_its_first_step_is_lr_times_sign():
     ref = copy.deepcopy(model).train()
     params = trainable(ref)
     grads = torch.autograd.grad(entropy_ref(ref(x)).mean(), list(params.values()))
-    # Adam's bias-corrected first step: lr * g / (|g| + eps)
-    expected = {
-        n: (p - 1e-3 * g / (g.abs() + 1e-8)).detach()
-        for (n, p), g in zip(params.items(), grads, strict=True)
-    }
     adapter = method.build(copy.deepcopy(model), K, opts, Context(batch_size=8))
     adapter.forward_and_adapt(x)
-    assert_params(adapter, expected, atol=1e-6)
+    got = trainable(adapter.model)
+    assert set(got) == set(params)
+    for (n, p), g in zip(params.items(), grads, strict=True):
+        step = (got[n] - p).detach()
+        # Adam's bias-corrected first step: lr * g / (|g| + eps); where |g| is near eps the
+        # step depends on float noise in g, so there only its bound is checked
+        clear = g.abs() > 1e-6
+        torch.testing.assert_close(
+            step[clear], (-1e-3 * g / (g.abs() + 1e-8))[clear], atol=1e-6, rtol=1e-5
+        )
+        assert (step.abs() <= 1e-3 + 1e-7).all()
 
 
 def test_tent_acts_on_any_target_and_refuses_an_empty_one():

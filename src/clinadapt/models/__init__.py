@@ -190,9 +190,16 @@ for _spec in (
         "timm",
         "resnet18",
         None,
-        "tiny timm ResNet (BasicBlock 1-1-1-1, 16-128 channels), 64x64, 128-d, random init",
+        "tiny timm ResNet (3x3 deep stem 8-8-16, BasicBlock 1-1-1-1, 16-128 channels), 64x64, "
+        "128-d, random init",
         tiny=True,
-        kwargs={"layers": (1, 1, 1, 1), "channels": (16, 32, 64, 128), "stem_width": 16},
+        # timm uses stem_width only for deep stems: its 7x7 stem is always 64 channels wide.
+        kwargs={
+            "layers": (1, 1, 1, 1),
+            "channels": (16, 32, 64, 128),
+            "stem_type": "deep",
+            "stem_width": 8,
+        },
         preprocess=_tiny_pp(64),
     ),
     ModelSpec(
