@@ -57,7 +57,8 @@ def test_image_size_builds_the_architecture_for_it(name, size_of):
 def test_builder_arguments_reach_the_model():
     model = load_model("tiny-resnet", drop_path_rate=0.2, in_chans=1)
     assert model.preprocess.in_chans == 1
-    assert model.image_encoder.conv1.in_channels == 1
+    first = next(m for m in model.image_encoder.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first.in_channels == 1
     rates = [m.drop_prob for m in model.modules() if type(m).__name__ == "DropPath"]
     assert rates and max(rates) == pytest.approx(0.2)
     assert model.describe()["options"] == {"drop_path_rate": 0.2, "in_chans": 1}
