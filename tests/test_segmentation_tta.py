@@ -72,6 +72,25 @@ def test_prompt_spec_gives_an_image_the_same_prompts_in_any_view(data):
         PromptSpec(jiter=3)
 
 
+def test_jitter_is_measured_at_1024_pixels_and_training_draws_fresh_prompts():
+    spec = PromptSpec()
+    assert spec.image_jitter((1024, 1024)) == 20
+    assert spec.image_jitter((64, 64)) == 1  # round(20 * 64 / 1024)
+    assert spec.image_jitter((300, 512)) == 10
+    assert PromptSpec(jitter_reference=None).image_jitter((64, 64)) == 20
+    lab = np.zeros((256, 256), dtype=np.uint8)
+    lab[100:150, 80:120] = 1
+    for seed in range(20):  # 20 px at 1024 -> at most 5 px on a 256 px image
+        box = spec.derive(lab, 0, seed).prompts.boxes[0]
+        grow = np.array([80 - box[0], 100 - box[1], box[2] - 119, box[3] - 149])
+        assert (grow >= 0).all() and (grow <= 5).all()
+    rng = np.random.default_rng(0)
+    draws = {spec.draw(lab, rng).prompts.boxes.tobytes() for _ in range(10)}
+    assert len(draws) > 1  # a fresh jitter per draw
+    again = spec.derive(lab, 3, 0).prompts.boxes
+    np.testing.assert_array_equal(again, spec.derive(lab, 3, 0).prompts.boxes)
+
+
 def test_mask_probs_match_predict_and_empty_references_ask_nothing(data):
     _, sub, prompts = data
     seg = load_segmenter("tiny-sam")

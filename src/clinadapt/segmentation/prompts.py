@@ -550,7 +550,16 @@ class PromptSpec(BaseModel):
     per: Literal["class", "component"] = Field(
         "class", description="one prompt per class present, or per connected component"
     )
-    jitter: int = Field(20, ge=0, description="box sides moved outwards by 0..jitter px (MedSAM)")
+    jitter: int = Field(
+        20, ge=0, description="box sides moved outwards by 0..jitter px (MedSAM: 20 at 1024 px)"
+    )
+    jitter_reference: int | None = Field(
+        1024,
+        ge=1,
+        description="the image side that jitter is measured on: MedSAM's 20 px are pixels of its "
+        "1024x1024 input, so an image of side S gets round(jitter * S / 1024); None: the "
+        "image's own pixels",
+    )
     k: int = Field(1, ge=1, description="foreground points per object (1, 3, 5 in the literature)")
     negatives: int = Field(0, ge=0, description="background points per object")
     point_mode: Literal["random", "center"] = Field(
@@ -558,19 +567,30 @@ class PromptSpec(BaseModel):
     )
     classes: list[int] | None = Field(None, description="label values to prompt (default all)")
 
+    def image_jitter(self, shape: tuple[int, ...]) -> int:
+        """The jitter bound in pixels of an image of ``shape`` (H, W)."""
+        if self.jitter_reference is None:
+            return self.jitter
+        return round(self.jitter * max(shape[:2]) / self.jitter_reference)
+
     def derive(self, label_map: np.ndarray, key: int, seed: int = 0) -> DerivedPrompts:
-        """The prompts of one image (its reference ``label_map``, its dataset index ``key``)."""
+        """The prompts of one image (its reference ``label_map``, its dataset index ``key``):
+        the same for that image in every view, stream order and method."""
+        return self.draw(label_map, np.random.default_rng([int(seed), int(key)]))
+
+    def draw(self, label_map: np.ndarray, rng: np.random.Generator) -> DerivedPrompts:
+        """Prompts of one image from ``rng``: a fresh draw per training step, as MedSAM re-draws
+        the box jitter each time it loads an image."""
         if self.kind == "none":
             h, w = np.shape(label_map)[:2]
             return DerivedPrompts(
                 Prompts(), np.zeros((0, h, w), dtype=bool), np.zeros(0, dtype=np.int64)
             )
-        rng = np.random.default_rng([int(seed), int(key)])
         return prompts_from_mask(
             label_map,
             self.kind,
             per=self.per,
-            jitter=self.jitter,
+            jitter=self.image_jitter(np.shape(label_map)),
             k=self.k,
             negatives=self.negatives,
             point_mode=self.point_mode,
