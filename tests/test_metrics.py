@@ -14,6 +14,7 @@ from clinadapt.evaluation.metrics import (
     binary_auroc,
     brier,
     compute_metrics,
+    confidence_bins,
     expected_calibration_error,
     nll,
     operating_point,
@@ -328,3 +329,10 @@ def test_macro_f1_averages_over_the_classes_present_like_sklearn():
         assert compute_metrics(yy, p)["macro_f1"] == pytest.approx(
             skm.f1_score(yy, p.argmax(1), average="macro")
         )
+
+
+def test_confidence_bins_are_half_open_equal_width_intervals():
+    conf = np.array([0.0, 1e-9, 1 / 15, 1 / 15 + 1e-12, 0.5, 14 / 15, 1.0, 1.0 + 1e-6])
+    # (i/15, (i+1)/15], the first bin also holding 0; above 1 is outside every bin
+    np.testing.assert_array_equal(confidence_bins(conf, 15), [0, 0, 0, 1, 7, 13, 14, 15])
+    assert confidence_bins(np.array([0.25, 0.5, 0.75]), 2).tolist() == [0, 0, 1]

@@ -1,18 +1,29 @@
-"""Percentile bootstrap confidence intervals, resampling patients when patient ids are known."""
+"""Percentile bootstrap confidence intervals, resampling patients when patient ids are known.
+
+A resample is a row of multiplicities over the images (``resample_weights``); the clinical metrics
+of all resamples are computed at once from those rows (``replicates.replicate_metrics``). The
+draws are those of the plain loop ``idx = rng.integers(0, n, n)`` per resample (patients instead
+of images when ``groups`` is given), so a seed gives the same intervals as that loop; any other
+statistic is called on each resample's rows in that loop.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from clinadapt.errors import ConfigError
+from clinadapt.evaluation.replicates import replicate_metrics
 
 Statistic = Callable[[np.ndarray, np.ndarray], dict[str, float]]
 
+# resamples evaluated together: at most this many (resample, image) weights in memory at once
+CHUNK = 1 << 22
+
 
 def group_members(groups: np.ndarray) -> list[np.ndarray]:
-    """The positions of each group's members, one array per distinct group id."""
+    """The positions of each group's members, one array per distinct group id (sorted ids)."""
     _, inverse = np.unique(np.asarray(groups), return_inverse=True)
     order = np.argsort(inverse, kind="stable")
     return np.split(order, np.flatnonzero(np.diff(inverse[order])) + 1)
@@ -21,7 +32,7 @@ def group_members(groups: np.ndarray) -> list[np.ndarray]:
 def resample_indices(
     n: int, rng: np.random.Generator, members: list[np.ndarray] | None = None
 ) -> np.ndarray:
-    """One bootstrap resample: images drawn with replacement, or whole groups if ``members``.
+    """One bootstrap resample as positions: images drawn with replacement, or whole groups.
 
     Resampling patients keeps a patient's images together, so correlated images do not make
     the interval look narrower than the evidence allows.
@@ -32,20 +43,74 @@ def resample_indices(
     return np.concatenate([members[i] for i in pick])
 
 
+def draw_counts(n_units: int, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """(n_boot, n_units) multiplicities: each row is ``rng.integers(0, n_units, n_units)``
+    counted per unit (one call per row, so the stream is the plain loop's)."""
+    picks = np.stack([rng.integers(0, n_units, n_units) for _ in range(n_boot)])
+    flat = picks + (np.arange(n_boot) * n_units)[:, None]
+    return np.bincount(flat.ravel(), minlength=n_boot * n_units).reshape(n_boot, n_units)
+
+
+def resample_weights(
+    n: int, n_boot: int, rng: np.random.Generator, groups: np.ndarray | None = None
+) -> np.ndarray:
+    """(n_boot, n) multiplicity of each image in each resample.
+
+    With ``groups`` (patient ids) whole patients are drawn, in the order of the sorted ids, and
+    each image counts as often as its patient was drawn.
+    """
+    if groups is None:
+        return draw_counts(n, n_boot, rng)
+    units, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    return draw_counts(len(units), n_boot, rng)[:, inverse.ravel()]
+
+
+def iter_resample_weights(
+    n: int, n_boot: int, rng: np.random.Generator, groups: np.ndarray | None = None
+) -> Iterator[np.ndarray]:
+    """``resample_weights`` in consecutive blocks of rows that fit in memory (``CHUNK``)."""
+    step = max(1, CHUNK // max(n, 1))
+    for start in range(0, n_boot, step):
+        yield resample_weights(n, min(step, n_boot - start), rng, groups)
+
+
+def percentile_ci(
+    replicates: Mapping[str, np.ndarray], alpha: float = 0.05
+) -> dict[str, dict[str, float]]:
+    """``{metric: {"low", "high", "n_boot"}}``: the (alpha/2, 1-alpha/2) percentiles of each
+    metric's replicates, leaving out undefined (NaN) ones; ``n_boot`` counts those used."""
+    out = {}
+    for k, vals in replicates.items():
+        v = np.asarray(vals, dtype=np.float64)
+        v = v[np.isfinite(v)]
+        if len(v) == 0:
+            out[k] = {"low": float("nan"), "high": float("nan"), "n_boot": 0}
+            continue
+        lo, hi = np.percentile(v, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+        out[k] = {"low": float(lo), "high": float(hi), "n_boot": len(v)}
+    return out
+
+
 def bootstrap_ci(
     labels: np.ndarray,
     probs: np.ndarray,
-    statistic: Statistic,
+    statistic: Statistic | Sequence[str] | None = None,
     n_boot: int = 1000,
     alpha: float = 0.05,
     seed: int = 0,
     groups: np.ndarray | None = None,
+    *,
+    task: str = "multiclass",
+    threshold: float | None = None,
+    target_error: float = 0.1,
 ) -> dict[str, dict[str, float]]:
-    """``{metric: {"low", "high", "n_boot"}}``: the (alpha/2, 1-alpha/2) percentiles of the
-    replicates of ``statistic(labels, probs)``.
+    """Percentile bootstrap CIs (``percentile_ci``), resampling images, or patients when
+    ``groups`` holds patient ids.
 
-    Replicates where a metric is undefined (NaN, e.g. AUROC with one class drawn) are left out;
-    ``n_boot`` in the output counts the ones used.
+    ``statistic`` names metrics of ``replicates.replicate_metrics`` (default: the task's headline
+    metrics; ``threshold`` is the fixed operating point of sensitivity and specificity), which
+    are computed for all resamples at once; or it is a function ``(labels, probs) -> {metric:
+    value}`` for any other statistic, called once per resample on the resampled rows.
     """
     if n_boot < 2:
         raise ConfigError(f"bootstrap: n_boot must be >= 2, got {n_boot}")
@@ -56,19 +121,18 @@ def bootstrap_ci(
     if groups is not None and len(groups) != n:
         raise ConfigError(f"bootstrap: {len(groups)} group ids for {n} predictions")
     rng = np.random.default_rng(seed)
-    members = group_members(groups) if groups is not None else None
-    reps: dict[str, list[float]] = {}
-    for _ in range(n_boot):
-        idx = resample_indices(n, rng, members)
-        for k, v in statistic(labels[idx], probs[idx]).items():
-            reps.setdefault(k, []).append(v)
-    out = {}
-    for k, vals in reps.items():
-        v = np.asarray(vals, dtype=np.float64)
-        v = v[np.isfinite(v)]
-        if len(v) == 0:
-            out[k] = {"low": float("nan"), "high": float("nan"), "n_boot": 0}
-            continue
-        lo, hi = np.percentile(v, [100 * alpha / 2, 100 * (1 - alpha / 2)])
-        out[k] = {"low": float(lo), "high": float(hi), "n_boot": len(v)}
-    return out
+    parts: dict[str, list] = {}
+    if callable(statistic):
+        members = group_members(groups) if groups is not None else None
+        for _ in range(n_boot):
+            idx = resample_indices(n, rng, members)
+            for k, v in statistic(labels[idx], probs[idx]).items():
+                parts.setdefault(k, []).append(v)
+        return percentile_ci({k: np.asarray(v, dtype=np.float64) for k, v in parts.items()}, alpha)
+    for w in iter_resample_weights(n, n_boot, rng, groups):
+        reps = replicate_metrics(
+            labels, probs, w, statistic, task, threshold=threshold, target_error=target_error
+        )
+        for k, v in reps.items():
+            parts.setdefault(k, []).append(v)
+    return percentile_ci({k: np.concatenate(v) for k, v in parts.items()}, alpha)

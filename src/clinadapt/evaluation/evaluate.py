@@ -11,36 +11,28 @@ import numpy as np
 from clinadapt.errors import ConfigError
 from clinadapt.evaluation.bootstrap import bootstrap_ci
 from clinadapt.evaluation.metrics import (
-    accuracy,
-    auroc,
-    balanced_accuracy,
     check_predictions,
     compute_metrics,
     operating_point,
     threshold_for_sensitivity,
 )
+from clinadapt.evaluation.replicates import headline_names, replicate_metrics
 from clinadapt.evaluation.selective import aurc, coverage_at_risk
 from clinadapt.evaluation.subgroups import SUBGROUP_KEYS, subgroup_metrics
 
-CI_METRICS = ("accuracy", "balanced_accuracy", "auroc")
-_FNS = {"accuracy": accuracy, "balanced_accuracy": balanced_accuracy}
-
 
 def headline(
-    labels: np.ndarray, probs: np.ndarray, task: str, names: Sequence[str] = CI_METRICS
+    labels: np.ndarray,
+    probs: np.ndarray,
+    task: str,
+    names: Sequence[str] | None = None,
+    threshold: float | None = None,
 ) -> dict[str, float]:
-    """A few metrics, cheap enough to recompute on every bootstrap replicate or subgroup."""
-    out: dict[str, float] = {}
-    for name in names:
-        if name == "auroc":
-            out[name] = auroc(labels, probs, task)
-        elif task == "multilabel" and name == "accuracy":
-            out[name] = float(np.mean((probs >= 0.5) == labels))
-        elif task != "multilabel" and name in _FNS:
-            out[name] = _FNS[name](labels, probs)
-        elif name not in _FNS:
-            raise ConfigError(f"unknown metric {name!r}; choose from {sorted([*_FNS, 'auroc'])}")
-    return out
+    """Metrics by name (default: the task's headline metrics, ``replicates.headline_names``),
+    the form subgroups and custom statistics take; ``threshold`` is the operating point."""
+    w = np.ones((1, len(labels)))
+    reps = replicate_metrics(labels, probs, w, names, task, threshold=threshold)
+    return {k: float(v[0]) for k, v in reps.items()}
 
 
 def evaluate(
@@ -50,7 +42,7 @@ def evaluate(
     metadata: Mapping[str, np.ndarray] | None = None,
     *,
     subgroup_keys: Sequence[str] = SUBGROUP_KEYS,
-    ci_metrics: Sequence[str] = CI_METRICS,
+    ci_metrics: Sequence[str] | None = None,
     n_boot: int = 200,
     alpha: float = 0.05,
     seed: int = 0,
@@ -62,9 +54,9 @@ def evaluate(
     """Evaluate one test set.
 
     Returns ``metrics`` (flat headline metrics), ``subgroups`` (per metadata key: groups, worst,
-    gap), ``ci`` (percentile bootstrap, by patient when ``metadata`` has ``patient_id``;
-    ``n_boot=0`` skips it), ``selective`` (AURC and the coverage at ``target_error``) and,
-    for binary tasks, ``operating_point``: at ``threshold``, or else at the threshold that
+    gap), ``ci`` (percentile bootstrap of ``ci_metrics``, default every headline metric, by
+    patient when ``metadata`` has ``patient_id``; ``n_boot=0`` skips it), ``selective`` (AURC
+    and the coverage at ``target_error``) and, for binary tasks, ``operating_point``: at ``threshold``, or else at the threshold that
     reaches ``target_sensitivity`` on ``val`` = (labels, probs), or else at 0.5. The headline
     ``metrics.sensitivity``/``specificity`` are those of the operating point; the values at 0.5
     are ``sensitivity_at_0.5``/``specificity_at_0.5``.
@@ -74,15 +66,22 @@ def evaluate(
     for key, values in metadata.items():
         if len(values) != len(labels):
             raise ConfigError(f"metadata {key!r} has {len(values)} values for {len(labels)} labels")
-    stat = partial(headline, task=task, names=ci_metrics)
     out: dict[str, Any] = {"metrics": compute_metrics(labels, probs, task)}
+    op = binary_operating_point(labels, probs, task, threshold, target_sensitivity, val)
+    if op is not None:
+        out["metrics"].update(sensitivity=op["sensitivity"], specificity=op["specificity"])
+    at = op["threshold"] if op is not None else None
+    names = ci_metrics or headline_names(task, probs.shape[1], at is not None)
+    stat = partial(headline, task=task, names=names, threshold=at)
     out["subgroups"] = subgroup_metrics(labels, probs, metadata, stat, subgroup_keys)
     if n_boot:
         groups = metadata.get("patient_id")
         out["ci"] = {
             "alpha": alpha,
             "unit": "patient" if groups is not None else "image",
-            **bootstrap_ci(labels, probs, stat, n_boot, alpha, seed, groups),
+            **bootstrap_ci(
+                labels, probs, names, n_boot, alpha, seed, groups, task=task, threshold=at
+            ),
         }
     if task != "multilabel":
         out["selective"] = {
@@ -90,9 +89,7 @@ def evaluate(
             "target_error": target_error,
             "coverage_at_target": coverage_at_risk(labels, probs, target_error),
         }
-    op = binary_operating_point(labels, probs, task, threshold, target_sensitivity, val)
     if op is not None:
-        out["metrics"].update(sensitivity=op["sensitivity"], specificity=op["specificity"])
         out["operating_point"] = op
     return out
 

@@ -7,7 +7,6 @@ present) are NaN, never a made-up number.
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import numpy as np
@@ -101,17 +100,23 @@ def auroc(labels: np.ndarray, probs: np.ndarray, task: str = "multiclass") -> fl
     return float(np.mean(per)) if per else math.nan
 
 
+def confidence_bins(conf: np.ndarray, n_bins: int = 15) -> np.ndarray:
+    """The equal-width bin of each confidence: bin i holds (i/n, (i+1)/n], the first also 0.
+
+    A confidence above 1 (rounding) gets ``n_bins``, outside every bin.
+    """
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    return np.maximum(np.searchsorted(edges, conf, side="left") - 1, 0)
+
+
 def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, n_bins: int = 15) -> float:
     """Top-label ECE with equal-width confidence bins (Guo et al., 2017; 15 bins)."""
     conf = probs.max(1)
     correct = (np.argmax(probs, 1) == labels).astype(np.float64)
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    ece = 0.0
-    for lo, hi in itertools.pairwise(edges):
-        in_bin = (conf > lo) & (conf <= hi) if lo > 0 else (conf >= lo) & (conf <= hi)
-        if in_bin.any():
-            ece += in_bin.mean() * abs(correct[in_bin].mean() - conf[in_bin].mean())
-    return float(ece)
+    bins = confidence_bins(conf, n_bins)
+    inside = bins < n_bins
+    gap = np.bincount(bins[inside], (correct - conf)[inside], minlength=n_bins)
+    return float(np.abs(gap).sum() / len(conf))
 
 
 def reliability_bins(
@@ -120,8 +125,7 @@ def reliability_bins(
     """Per equal-width confidence bin: mean confidence, accuracy and count (for diagrams)."""
     conf = probs.max(1)
     correct = (np.argmax(probs, 1) == labels).astype(np.float64)
-    # bin i holds (edge_i, edge_i+1]; the first bin also holds 0, as in the ECE above
-    idx = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
+    idx = np.minimum(confidence_bins(conf, n_bins), n_bins - 1)  # the ECE's bins
     count = np.bincount(idx, minlength=n_bins).astype(np.float64)
     with np.errstate(invalid="ignore"):
         mean_conf = np.bincount(idx, conf, n_bins) / count
