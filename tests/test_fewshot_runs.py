@@ -200,7 +200,7 @@ def test_sweep_table_is_mean_and_sample_sd():
 def test_sweep_refuses_methods_that_train_the_backbone(tmp_path):
     with pytest.raises(ConfigError, match="frozen features"):
         run_fewshot_sweep(_sweep_base(tmp_path), ["finetune"], [1], [0])
-    with pytest.raises(ConfigError, match="bad options"):
+    with pytest.raises(ConfigError, match="unknown option 'kk'; did you mean 'k'"):
         run_fewshot_sweep(_sweep_base(tmp_path), ["knn"], [1], [0], {"knn": {"kk": 3}})
     with pytest.raises(ConfigError, match="per method"):
         base = _sweep_base(tmp_path).model_copy(update={"method_options": {"k": 3}})
@@ -213,7 +213,7 @@ def test_sweep_refuses_methods_that_train_the_backbone(tmp_path):
 def test_fewshot_cli_end_to_end(tmp_path):
     args = ["fewshot", "--shots", "1,2", "--seeds", "2", "--methods", "prototype,tip-adapter"]
     args += ["--out", str(tmp_path), "-o", "data_options.patients_per_site=40"]
-    args += ["-o", "tip-adapter.search_steps=[20,5]", "--json"]
+    args += ["-o", "method_options.tip-adapter.search_steps=[20,5]", "--json"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     out = json.loads(result.output)

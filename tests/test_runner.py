@@ -158,7 +158,7 @@ def test_bad_combinations(tmp_path):
                 source={"options": {"epochs": 1}},
             )
         )
-    with pytest.raises(ConfigError, match="bad options"):
+    with pytest.raises(ConfigError, match="unknown option 'epoch'; did you mean 'epochs'"):
         run_experiment(
             RunConfig(
                 method="finetune",

@@ -27,8 +27,10 @@ def test_domain_shift_splits(small_shift):
 def test_domain_shift_errors(small_shift):
     with pytest.raises(ConfigError, match="site-x"):
         apply_shift(small_shift, "domain", source="site-x")
-    with pytest.raises(ConfigError, match="bad options"):
+    with pytest.raises(ConfigError, match="shift 'domain': unknown option 'bogus'"):
         apply_shift(small_shift, "domain", bogus=1)
+    with pytest.raises(ConfigError, match="did you mean 'source'"):
+        apply_shift(small_shift, "domain", sourc="site-a")
     bare = ClinicalDataset(
         "bare", ArraySource(np.zeros((4, 8, 8), np.uint8)), np.array([0, 1, 0, 1]), ["a", "b"]
     )

@@ -11,7 +11,7 @@ from clinadapt.models import load_model
 runner = CliRunner(env={"COLUMNS": "200"})
 
 SMALL = ["--model", "tiny-vit", "--data", "clinical-shift", "--max-steps", "3", "--batch-size", "8"]
-SMALL += ["--set", "data_options={patients_per_site: 6}", "--set", "proj_dim=8"]
+SMALL += ["--set", "data_options={patients_per_site: 6}", "--set", "method_options.proj_dim=8"]
 
 
 def test_pretrain_json_then_resume_and_text(tmp_path):

@@ -79,7 +79,7 @@ def test_sweep_file_errors(tmp_path):
     bad.write_text("bsae: {}\n")
     with pytest.raises(ConfigError, match="unknown key"):
         load_sweep(bad)
-    with pytest.raises(ConfigError, match="invalid"):
+    with pytest.raises(ConfigError, match=r"sweep run \{'batch_size': 0\}: option 'batch_size'"):
         Sweep(base={}, grid={"batch_size": [0]}, out_dir=str(tmp_path)).configs()
     with pytest.raises(ConfigError, match="workers"):
         run_sweep(Sweep(base={}, grid={}, out_dir=str(tmp_path)), workers=0)
@@ -201,7 +201,7 @@ def test_cli_dry_run_and_corruption_listing(tmp_path):
     assert len(rows) == 12 and not any(r["done"] for r in rows)
     assert not (tmp_path / "runs").exists()  # a dry run runs nothing
     res = cli.invoke(app, ["corruptions", "--json"])
-    listed = {e["name"]: e["help"] for e in yaml.safe_load(res.stdout)}
+    listed = {e["name"]: e["tags"] for e in yaml.safe_load(res.stdout)}
     assert "stain" in listed and "histology" in listed["stain"]
 
 

@@ -1,6 +1,5 @@
 """clinadapt: adapt foundation models to medical images and measure how well they hold up."""
 
-from clinadapt.data import list_datasets, load_dataset
 from clinadapt.errors import (
     ClinadaptError,
     ConfigError,
@@ -18,6 +17,19 @@ def load_model(name: str, **kwargs):
     from clinadapt.models import load_model as _load
 
     return _load(name, **kwargs)
+
+
+def load_dataset(name_or_path, **kwargs):
+    """Load a registered dataset by name, or a folder, CSV manifest, MedMNIST .npz or NIfTI path."""
+    from clinadapt.data import load_dataset as _load
+
+    return _load(name_or_path, **kwargs)
+
+
+def list_datasets() -> list[str]:
+    from clinadapt.data import list_datasets as _list
+
+    return _list()
 
 
 def list_models() -> list[str]:

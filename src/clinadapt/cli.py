@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from clinadapt.errors import ClinadaptError, clip_message
+from clinadapt.errors import ClinadaptError, ConfigError, clip_message
 
 app = typer.Typer(
     add_completion=False,
@@ -36,59 +36,113 @@ def _bold(text: object) -> Text:
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars or status lines")]
 AsJson = Annotated[bool, typer.Option("--json", help="print machine-readable JSON on stdout")]
+Settings = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        "-o",
+        help="KEY=VALUE for any field of the configuration, dotted for nested fields "
+        "(method_options.epochs=5); VALUE is read as YAML. Repeatable.",
+    ),
+]
 
 
-def _listing(entries: list[tuple[str, str]], title: str, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps([{"name": n, "help": h} for n, h in entries], indent=2))
+def _version(value: bool) -> None:
+    if value:
+        from clinadapt import __version__
+
+        print(f"clinadapt {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="print the version and exit"
+        ),
+    ] = False,
+) -> None:
+    """Adapt foundation models to medical images and measure how they hold up under clinical shift."""
+
+
+def _plain_table(title: str, header: list[str], rows: list[list[Any]]) -> Table:
+    """A table whose cells are plain text (so "[fit]" or a path with brackets prints as is)."""
+    table = Table(title=Text(title))
+    for i, h in enumerate(header):
+        table.add_column(Text(h), style="bold" if i == 0 else None)
+    for row in rows:
+        table.add_row(*[Text(str(c)) for c in row])
+    return table
+
+
+def _catalog(kind: str, name: str | None, as_json: bool, title: str, describe_row) -> None:
+    from clinadapt.catalog import details, listing
+
+    if name is not None:
+        info = details(kind, name)
+        if as_json:
+            print(json.dumps(info, indent=2, default=str))
+            return
+        console.print(Text(f"{kind[:-1]} {info['name']}: {info['help']}"))
+        for key in ("kind", "default_target", "modalities", "severity_parameters"):
+            if key in info:
+                console.print(Text(f"{key.replace('_', ' ')}: {info[key]}"))
+        if "options" in info:
+            rows = [
+                [o["name"], o["type"], json.dumps(o["default"], default=str), o["description"]]
+                for o in info["options"]
+            ]
+            if rows:
+                header = ["option", "type", "default", "description"]
+                console.print(_plain_table("options", header, rows))
+            else:
+                console.print("options: none")
+        shown = ("name", "help", "tags", "kind", "default_target", "options", "doc")
+        for key, value in info.items():
+            if key not in shown and key not in ("modalities", "severity_parameters"):
+                console.print(Text(f"{key}: {json.dumps(value, default=str)}"))
         return
-    table = Table(title=title)
-    table.add_column("name", style="bold")
-    table.add_column("description")
-    for n, h in entries:
-        table.add_row(n, h)
-    console.print(table)
+    entries = listing(kind)
+    if as_json:
+        print(json.dumps(entries, indent=2))
+        return
+    rows = [[e["name"], describe_row(e)] for e in entries]
+    console.print(_plain_table(title, ["name", "description"], rows))
+
+
+Name = Annotated[str | None, typer.Argument(help="show one entry with its options")]
 
 
 @app.command()
-def models(as_json: AsJson = False) -> None:
+def models(name: Name = None, as_json: AsJson = False) -> None:
     """List the registered models (tiny-* ones are randomly initialised test configurations)."""
-    from clinadapt.models import MODELS
-
-    _listing([(e.name, e.help) for e in MODELS.entries()], "models", as_json)
+    _catalog("models", name, as_json, "models", lambda e: e["help"])
 
 
 @app.command()
-def datasets(as_json: AsJson = False) -> None:
+def datasets(name: Name = None, as_json: AsJson = False) -> None:
     """List the registered datasets (paths to folders, CSVs, .npz and NIfTI also work)."""
-    from clinadapt.data import DATASETS, list_datasets
-
-    list_datasets()
-    _listing([(e.name, e.help) for e in DATASETS.entries()], "datasets", as_json)
+    _catalog("datasets", name, as_json, "datasets", lambda e: e["help"])
 
 
 @app.command()
-def methods(as_json: AsJson = False) -> None:
-    """List the registered methods (how to adapt)."""
-    from clinadapt.methods import METHODS
-
-    _listing([(e.name, f"[{e.obj.kind}] {e.help}") for e in METHODS.entries()], "methods", as_json)
+def methods(name: Name = None, as_json: AsJson = False) -> None:
+    """List the registered methods (how to adapt), or one method's options."""
+    _catalog("methods", name, as_json, "methods", lambda e: f"[{e['kind']}] {e['help']}")
 
 
 @app.command()
-def targets(as_json: AsJson = False) -> None:
-    """List the registered targets (what to adapt)."""
-    from clinadapt.targets import TARGETS
-
-    _listing([(e.name, e.help) for e in TARGETS.entries()], "targets", as_json)
+def targets(name: Name = None, as_json: AsJson = False) -> None:
+    """List the registered targets (what to adapt), or one target's options."""
+    _catalog("targets", name, as_json, "targets", lambda e: e["help"])
 
 
 @app.command()
-def segmenters(as_json: AsJson = False) -> None:
+def segmenters(name: Name = None, as_json: AsJson = False) -> None:
     """List the promptable segmenters (SAM, MedSAM, SAM 2; tiny-* are random test ones)."""
-    from clinadapt.segmentation.specs import SEGMENTERS
-
-    _listing([(e.name, e.help) for e in SEGMENTERS.entries()], "segmenters", as_json)
+    _catalog("segmenters", name, as_json, "segmenters", lambda e: e["help"])
 
 
 @app.command()
@@ -192,20 +246,21 @@ def segment(
 
 
 @app.command()
-def shifts(as_json: AsJson = False) -> None:
-    """List the registered shift protocols."""
-    from clinadapt.shifts import SHIFTS
-
-    _listing([(e.name, e.help) for e in SHIFTS.entries()], "shift protocols", as_json)
+def shifts(name: Name = None, as_json: AsJson = False) -> None:
+    """List the registered shift protocols, or one protocol's options."""
+    _catalog("shifts", name, as_json, "shift protocols", lambda e: e["help"])
 
 
 @app.command()
-def corruptions(as_json: AsJson = False) -> None:
+def corruptions(name: Name = None, as_json: AsJson = False) -> None:
     """List the acquisition artefacts of the corruption shift, with the modalities they fit."""
-    from clinadapt.shifts.corruptions import CORRUPTIONS
-
-    entries = [(e.name, f"{e.help} ({', '.join(e.tags)})") for e in CORRUPTIONS.entries()]
-    _listing(entries, "corruptions (severities 1-5)", as_json)
+    _catalog(
+        "corruptions",
+        name,
+        as_json,
+        "corruptions (severities 1-5)",
+        lambda e: f"{e['help']} ({', '.join(e['tags'])})",
+    )
 
 
 def print_results(records: list[dict[str, Any]], metric: str = "balanced_accuracy") -> None:
@@ -238,17 +293,12 @@ def run(
     weights: Annotated[str | None, typer.Option(help="local weights file or directory")] = None,
     device: Annotated[str | None, typer.Option(help="torch device (cpu, cuda)")] = None,
     out: Annotated[str | None, typer.Option("--out", help="directory for result records")] = None,
-    option: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--set", "-o", help="KEY=VALUE for any config field, e.g. method_options.epochs=5"
-        ),
-    ] = None,
+    option: Settings = None,
     quiet: Quiet = False,
     as_json: AsJson = False,
 ) -> None:
     """Run one experiment and write one JSON result record (no arguments: the built-in default)."""
-    from clinadapt.config import load_config, parse_assignment
+    from clinadapt.config import load_config
     from clinadapt.progress import set_quiet
     from clinadapt.runner import run_experiment
 
@@ -264,10 +314,7 @@ def run(
         "device": device,
         "out_dir": out,
     }
-    for text in option or []:
-        k, v = parse_assignment(text)
-        overrides[k] = v
-    cfg = load_config(config, **overrides)
+    cfg = load_config(config, option or [], **overrides)
     record = run_experiment(cfg)
     path = Path(cfg.out_dir) / f"{record['run_id']}.json"
     if as_json:
@@ -310,20 +357,16 @@ def fewshot(
     out: Annotated[str, typer.Option("--out", help="directory for result records")] = (
         "clinadapt-fewshot"
     ),
-    option: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--set",
-            "-o",
-            help="KEY=VALUE for the base config (data_options.patients_per_site=60) or one "
-            "method's options (knn.k=10)",
-        ),
-    ] = None,
+    option: Settings = None,
     quiet: Quiet = False,
     as_json: AsJson = False,
 ) -> None:
-    """Few-shot sweep on frozen features: one embedding pass, one record per (method, shots, seed)."""
-    from clinadapt.config import load_config, parse_assignment, set_dotted
+    """Few-shot sweep on frozen features: one embedding pass, one record per (method, shots, seed).
+
+    --set sets fields of the base run configuration; each method's options are keyed by its
+    name: --set method_options.knn.k=10.
+    """
+    from clinadapt.config import load_config
     from clinadapt.fewshot_sweep import parse_int_list, parse_seeds, run_fewshot_sweep, sweep_table
     from clinadapt.progress import set_quiet
 
@@ -337,15 +380,14 @@ def fewshot(
         "device": device,
         "out_dir": out,
     }
-    per_method: dict[str, dict[str, Any]] = {}
-    for text in option or []:
-        k, v = parse_assignment(text)
-        head = k.split(".", 1)[0]
-        if head in names and "." in k:
-            set_dotted(per_method.setdefault(head, {}), k.split(".", 1)[1], v)
-        else:
-            overrides[k] = v
-    base = load_config(None, **overrides)
+    base = load_config(None, option or [], **overrides)
+    per_method = base.method_options
+    if any(not isinstance(v, dict) for v in per_method.values()):
+        raise ConfigError(
+            "a few-shot sweep runs several methods: key method_options by method name, e.g. "
+            f"--set method_options.knn.k=10 (methods: {', '.join(names)})"
+        )
+    base = base.model_copy(update={"method_options": {}})
     result = run_fewshot_sweep(
         base, names, parse_int_list(shots, "--shots"), parse_seeds(seeds), per_method
     )
@@ -392,23 +434,26 @@ def sweep(
     with_report: Annotated[
         bool, typer.Option("--report/--no-report", help="write the report when done")
     ] = True,
+    option: Settings = None,
     quiet: Quiet = False,
     as_json: AsJson = False,
 ) -> None:
-    """Run every combination of a sweep file once; skips runs with records, so it resumes."""
+    """Run every combination of a sweep file once; skips runs with records, so it resumes.
+
+    --set KEY=VALUE applies to every run, after the base and the grid.
+    """
     from clinadapt.progress import set_quiet
     from clinadapt.sweep import describe, load_sweep, run_sweep
 
     set_quiet(quiet or as_json)
-    spec = load_sweep(config, out_dir=out)
+    spec = load_sweep(config, out_dir=out, settings=option or [])
     if dry_run:
         rows = describe(spec)
         if as_json:
             print(json.dumps(rows, indent=2))
         else:
-            _listing(
-                [(r["run_id"], "done" if r["done"] else "to run") for r in rows], "runs", False
-            )
+            runs = [[r["run_id"], "done" if r["done"] else "to run"] for r in rows]
+            console.print(_plain_table("runs", ["run", "status"], runs))
         return
     result = run_sweep(spec, workers=workers, use_ray=use_ray)
     summary: dict[str, Any] = {"out_dir": spec.out_dir, **result.to_dict()}
@@ -441,10 +486,14 @@ def sweep(
 def report(
     runs_dir: Annotated[Path, typer.Argument(help="directory of result records")],
     metric: Annotated[str, typer.Option(help="metric for tables and plots")] = "balanced_accuracy",
+    quiet: Quiet = False,
     as_json: AsJson = False,
 ) -> None:
     """Write Markdown/CSV tables and an HTML report from a directory of result records."""
     from clinadapt.evaluation.report import write_report
+    from clinadapt.progress import set_quiet
+
+    set_quiet(quiet or as_json)
 
     path = write_report(runs_dir, metric=metric)
     if as_json:
@@ -546,19 +595,18 @@ def pretrain(
     ] = False,
     seed: Annotated[int, typer.Option(help="seed")] = 0,
     device: Annotated[str, typer.Option(help="torch device (cpu, cuda)")] = "cpu",
-    option: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--set", "-o", help="KEY=VALUE: a config field or method option, e.g. temperature=0.2"
-        ),
-    ] = None,
+    option: Settings = None,
     quiet: Quiet = False,
     as_json: AsJson = False,
 ) -> None:
-    """Self-supervised (continued) pre-training on unlabelled images; resumes from --out."""
-    from clinadapt.config import parse_assignment
+    """Self-supervised (continued) pre-training on unlabelled images; resumes from --out.
+
+    --set sets any pre-training field: method_options.temperature=0.2,
+    data_options.patients_per_site=30.
+    """
+    from clinadapt.config import apply_settings
     from clinadapt.progress import set_quiet
-    from clinadapt.ssl import PretrainConfig, make_config
+    from clinadapt.ssl import make_config
     from clinadapt.ssl import pretrain as run_pretrain
 
     set_quiet(quiet or as_json)
@@ -576,12 +624,7 @@ def pretrain(
         "seed": seed,
         "device": device,
     }
-    method_options: dict[str, Any] = {}
-    for text in option or []:
-        k, v = parse_assignment(text)
-        k = k.removeprefix("method_options.")
-        (fields if k in PretrainConfig.model_fields else method_options)[k] = v
-    fields["method_options"] = method_options
+    fields = apply_settings({k: v for k, v in fields.items() if v is not None}, option or [])
     summary = run_pretrain(make_config(**fields))
     if as_json:
         print(json.dumps(summary, indent=2))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -12,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from clinadapt.errors import ConfigError
+from clinadapt.validate import parse_model
 
 #: The most values (mappings, lists and scalars, each alias counted again) a YAML document may
 #: expand to. A few hundred bytes of nested aliases expand to billions of values and would hang
@@ -195,24 +197,58 @@ def read_yaml_mapping(path: str | Path, kind: str, expected: str) -> dict[str, A
     return data
 
 
-def load_config(path: str | Path | None = None, **overrides: Any) -> RunConfig:
-    """Read a YAML config (optional) and apply overrides; errors name the file and the field."""
+def load_config(
+    path: str | Path | None = None, settings: Iterable[str] = (), **overrides: Any
+) -> RunConfig:
+    """Read a YAML config (optional), apply field overrides, then ``--set`` strings.
+
+    Errors name the file and the field, and suggest the closest known one.
+    """
     data: dict[str, Any] = {}
     if path is not None:
         data = read_yaml_mapping(path, "config", "of fields")
     for key, value in overrides.items():
         if value is not None:
             set_dotted(data, key, value)
+    apply_settings(data, settings)
+    return run_config(data, f"run configuration{f' {path}' if path else ''}")
+
+
+def run_config(data: dict[str, Any], what: str = "run configuration") -> RunConfig:
+    """Validate a run-config mapping; an option given at the top level is pointed to its place."""
+    return parse_model(RunConfig, data, what, hint=lambda key: option_home(key, data))
+
+
+def option_home(key: str, data: dict[str, Any]) -> str | None:
+    """Where a misplaced top-level ``key`` belongs (``method_options.epochs``), if anywhere."""
+    if key in EvaluationConfig.model_fields:
+        return f"evaluation.{key}"
     try:
-        return RunConfig(**data)
-    except ValidationError as e:
-        where = f" in {path}" if path else ""
-        raise ConfigError(f"invalid run configuration{where}:\n{e}") from e
+        from clinadapt.methods import METHODS
+
+        options = METHODS.get(str(data.get("method", "finetune"))).Options
+    except Exception:  # an unknown method is reported by its own check
+        return None
+    return f"method_options.{key}" if key in options.model_fields else None
+
+
+def apply_settings(data: dict[str, Any], settings: Iterable[str]) -> dict[str, Any]:
+    """Apply ``--set KEY=VALUE`` strings to a config mapping (in place) and return it.
+
+    KEY is a dotted path of fields (``method_options.epochs``); VALUE is read as YAML. This is
+    the one meaning of ``--set`` in every command: run, sweep, fewshot and pretrain.
+    """
+    for text in settings:
+        key, value = parse_assignment(text)
+        set_dotted(data, key, value)
+    return data
 
 
 def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     """``set_dotted(d, "method_options.lr", 1e-3)`` sets ``d["method_options"]["lr"]``."""
     parts = key.split(".")
+    if not all(parts):
+        raise ConfigError(f"cannot set {key!r}: empty field name (write e.g. method_options.lr)")
     node = data
     for part in parts[:-1]:
         child = node.setdefault(part, {})

@@ -85,7 +85,7 @@ def run_configs(
         )
     if base.method_options:
         raise ConfigError(
-            "a sweep takes options per method (e.g. knn.k=10), not method_options "
+            "a sweep takes options per method (--set method_options.knn.k=10), not method_options "
             f"{brief(base.method_options)}"
         )
     method_options = method_options or {}

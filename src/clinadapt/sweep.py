@@ -29,9 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
-from clinadapt.config import RunConfig, read_yaml_mapping, set_dotted
+from clinadapt.config import RunConfig, apply_settings, read_yaml_mapping, run_config, set_dotted
 from clinadapt.errors import ConfigError
 from clinadapt.progress import bar, is_quiet, set_quiet, status
 from clinadapt.record import existing_record
@@ -55,6 +53,7 @@ class Sweep:
     base: dict[str, Any]
     grid: dict[str, list[Any]]
     out_dir: str
+    settings: list[str] = field(default_factory=list)  # --set KEY=VALUE, applied to every run
 
     def configs(self) -> list[RunConfig]:
         """Every run of the sweep, in grid order, without duplicates."""
@@ -68,21 +67,19 @@ class Sweep:
                         set_dotted(data, k, copy.deepcopy(v))
                 else:
                     set_dotted(data, fname, copy.deepcopy(value))
+            apply_settings(data, self.settings)
             data["out_dir"] = self.out_dir
-            try:
-                cfg = RunConfig(**data)
-            except ValidationError as e:
-                raise ConfigError(
-                    f"sweep run {dict(zip(self.grid, combo, strict=True))} is invalid:\n{e}"
-                ) from e
+            cfg = run_config(data, f"sweep run {dict(zip(self.grid, combo, strict=True))}")
             if cfg.run_id() not in seen:
                 seen.add(cfg.run_id())
                 out.append(cfg)
         return out
 
 
-def load_sweep(path: str | Path, out_dir: str | None = None) -> Sweep:
-    """Read a sweep YAML file; errors name the file and the key."""
+def load_sweep(
+    path: str | Path, out_dir: str | None = None, settings: list[str] | None = None
+) -> Sweep:
+    """Read a sweep YAML file; ``settings`` (``--set``) apply to every run after the grid."""
     p = Path(path)
     data = read_yaml_mapping(p, "sweep", "with 'base' and 'grid'")
     unknown = set(data) - {"base", "grid", "out_dir"}
@@ -96,7 +93,7 @@ def load_sweep(path: str | Path, out_dir: str | None = None) -> Sweep:
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{p}: grid.{key} must be a non-empty list, got {values!r}")
     out = out_dir or data.get("out_dir") or base.get("out_dir") or "clinadapt-runs"
-    return Sweep(base=base, grid=grid, out_dir=str(out))
+    return Sweep(base=base, grid=grid, out_dir=str(out), settings=list(settings or []))
 
 
 def record_path(cfg: RunConfig) -> Path:

@@ -8,13 +8,13 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from clinadapt._registry import Registry
 from clinadapt.classifier import ImageClassifier
 from clinadapt.data.base import ClinicalDataset
-from clinadapt.errors import ConfigError, brief
 from clinadapt.progress import progress
+from clinadapt.validate import parse_model
 
 METHODS: Registry = Registry("method")
 
@@ -53,10 +53,8 @@ class Method(abc.ABC):  # noqa: B024 (the two kinds below hold the abstract meth
     changes: ClassVar[str | None] = None
 
     def parse_options(self, options: dict[str, Any] | None) -> Options:
-        try:
-            return self.Options(**(options or {}))
-        except ValidationError as e:
-            raise ConfigError(f"method {self.name!r}: bad options {brief(options)}:\n{e}") from e
+        """Validate ``options``; an unknown key or bad value is one ConfigError naming it."""
+        return parse_model(self.Options, options, f"method {self.name!r}")
 
 
 class FitMethod(Method):

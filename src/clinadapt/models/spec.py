@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from clinadapt.models.base import Preprocessing
@@ -40,6 +40,13 @@ class ModelSpec:
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ValueError(f"model family must be one of {FAMILIES}, got {self.family!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The spec as JSON-able data (what ``clinadapt models NAME`` shows)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["kwargs"] = dict(self.kwargs)
+        out["preprocess"] = self.preprocess.to_dict() if self.preprocess is not None else None
+        return out
 
     @property
     def dir_name(self) -> str:

@@ -11,7 +11,8 @@ import numpy as np
 
 from clinadapt._registry import Registry
 from clinadapt.data.base import SEGMENTATION, ClinicalDataset
-from clinadapt.errors import ConfigError, DataError, brief
+from clinadapt.errors import ConfigError, DataError
+from clinadapt.validate import did_you_mean
 
 SHIFTS: Registry = Registry("shift")
 
@@ -108,10 +109,13 @@ def val_or_none(ds: ClinicalDataset, **where: Any) -> ClinicalDataset | None:
 def apply_shift(ds: ClinicalDataset, protocol: str, seed: int = 0, **options: Any) -> ShiftSplit:
     """Split ``ds`` by a registered protocol."""
     fn = SHIFTS.get(protocol)
-    try:
-        inspect.signature(fn).bind(ds, seed=seed, **options)
-    except TypeError as e:
-        raise ConfigError(f"shift {protocol!r}: bad options {brief(options)}: {e}") from e
+    known = [n for n in list(inspect.signature(fn).parameters)[1:] if n != "seed"]
+    for key in options:
+        if key not in known:
+            raise ConfigError(
+                f"shift {protocol!r}: unknown option {key!r}{did_you_mean(key, known)} "
+                f"(known: {', '.join(known) or 'none'})"
+            )
     split = fn(ds, seed=seed, **options)
     if split.val is None and ds.task != SEGMENTATION:
         split = hold_out_validation(split, seed)

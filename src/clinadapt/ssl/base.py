@@ -6,13 +6,13 @@ import abc
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from clinadapt._registry import Registry
-from clinadapt.errors import ConfigError, brief
 from clinadapt.models.base import FoundationModel
 from clinadapt.ssl.augment import Augmenter
+from clinadapt.validate import parse_model
 
 SSL_METHODS: Registry = Registry("pre-training method")
 
@@ -47,12 +47,7 @@ class SSLMethod(nn.Module, abc.ABC):
     @classmethod
     def parse_options(cls, options: dict[str, Any] | None) -> Options:
         """Validate a dict of method options, naming the method and field on error."""
-        try:
-            return cls.Options(**(options or {}))
-        except ValidationError as e:
-            raise ConfigError(
-                f"pre-training method {cls.name!r}: bad options {brief(options)}:\n{e}"
-            ) from e
+        return parse_model(cls.Options, options, f"pre-training method {cls.name!r}")
 
     @abc.abstractmethod
     def training_loss(

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from clinadapt.errors import ConfigError
+from clinadapt.validate import parse_model
 
 
 class PretrainConfig(BaseModel):
@@ -98,7 +98,15 @@ class PretrainConfig(BaseModel):
 
 def make_config(**fields: Any) -> PretrainConfig:
     """Build a :class:`PretrainConfig`, dropping ``None`` overrides; bad fields raise ConfigError."""
-    try:
-        return PretrainConfig(**{k: v for k, v in fields.items() if v is not None})
-    except ValidationError as e:
-        raise ConfigError(f"bad pre-training configuration:\n{e}") from e
+    data = {k: v for k, v in fields.items() if v is not None}
+    return parse_model(PretrainConfig, data, "pre-training configuration", hint=_option_home)
+
+
+def _option_home(key: str) -> str | None:
+    """``method_options.<key>`` when ``key`` is an option of some pre-training method."""
+    from clinadapt.ssl.base import SSL_METHODS
+
+    for entry in SSL_METHODS.entries():
+        if key in entry.obj.Options.model_fields:
+            return f"method_options.{key}"
+    return None

@@ -6,11 +6,12 @@ import abc
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from clinadapt._registry import Registry
-from clinadapt.errors import ConfigError, IncompatibleError, brief
+from clinadapt.errors import ConfigError, IncompatibleError
+from clinadapt.validate import parse_model
 
 TARGETS: Registry = Registry("target")
 
@@ -57,10 +58,7 @@ class Target(abc.ABC):
         options = dict(options or {})
         if self.Options is None:
             return options
-        try:
-            return self.Options(**options).model_dump()
-        except ValidationError as e:
-            raise ConfigError(f"target {self.name!r}: bad options {brief(options)}:\n{e}") from e
+        return parse_model(self.Options, options, f"target {self.name!r}").model_dump()
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
