@@ -11,36 +11,35 @@ import inspect
 import typing
 from typing import Any
 
-from clinadapt.validate import describe_options
-
 KINDS = ("models", "datasets", "methods", "targets", "shifts", "corruptions", "segmenters")
 
 
 def _registry(kind: str) -> Any:
     if kind == "models":
-        from clinadapt.models import MODELS
+        from clinadapt.models.registry import MODELS
 
         return MODELS
     if kind == "datasets":
-        from clinadapt.data import DATASETS, list_datasets
+        from clinadapt.data.registry import DATASETS
 
-        list_datasets()
         return DATASETS
     if kind == "methods":
-        from clinadapt.methods import METHODS
+        from clinadapt.methods.registry import METHODS
 
         return METHODS
     if kind == "targets":
-        from clinadapt.targets import TARGETS
+        from clinadapt.targets.registry import TARGETS
 
         return TARGETS
     if kind == "shifts":
-        from clinadapt.shifts import SHIFTS
+        from clinadapt.shifts.registry import SHIFTS
 
         return SHIFTS
-    from clinadapt.shifts.corruptions import CORRUPTIONS
+    if kind == "corruptions":
+        from clinadapt.shifts.corruptions.registry import CORRUPTIONS
 
-    return CORRUPTIONS
+        return CORRUPTIONS
+    raise ValueError(f"unknown catalog {kind!r}; one of {KINDS}")
 
 
 def listing(kind: str) -> list[dict[str, Any]]:
@@ -48,8 +47,8 @@ def listing(kind: str) -> list[dict[str, Any]]:
     out = []
     for e in _registry(kind).entries():
         row: dict[str, Any] = {"name": e.name, "help": e.help, "tags": list(e.tags)}
-        if kind == "methods":
-            row["kind"] = e.obj.kind
+        if kind == "methods":  # declared methods carry their kind as their first tag
+            row["kind"] = e.tags[0] if e.tags else e.obj.kind
         out.append(row)
     return out
 
@@ -80,6 +79,8 @@ def signature_options(fn: Any, skip: int = 1) -> list[dict[str, Any]]:
 
 def details(kind: str, name: str) -> dict[str, Any]:
     """One entry in full: help, tags and its options (name, type, default, description)."""
+    from clinadapt.validate import describe_options
+
     reg = _registry(kind)
     entry = reg.entry(name)
     info: dict[str, Any] = {"name": entry.name, "help": entry.help, "tags": list(entry.tags)}

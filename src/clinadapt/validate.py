@@ -8,16 +8,9 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from clinadapt.errors import ConfigError
+from clinadapt.errors import ConfigError, brief
 
 M = TypeVar("M", bound=BaseModel)
-MAX_VALUE_CHARS = 60
-
-
-def short_repr(value: Any, limit: int = MAX_VALUE_CHARS) -> str:
-    """``repr(value)`` cut to ``limit`` characters, so an error never prints a huge input."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def field_names(cls: type[BaseModel]) -> list[str]:
@@ -71,7 +64,7 @@ def explain(
         elif err.get("type") == "missing":
             parts.append(f"option {where!r} is required")
         else:
-            parts.append(f"option {where!r}: {err.get('msg')} (got {short_repr(err.get('input'))})")
+            parts.append(f"option {where!r}: {err.get('msg')} (got {brief(err.get('input'))})")
     return "; ".join(parts)
 
 
@@ -85,7 +78,7 @@ def parse_model(
     ``what`` (e.g. ``"method 'tent'"``) and suggests the closest known option."""
     if data is not None and not isinstance(data, Mapping):
         raise ConfigError(
-            f"{what}: options must be a mapping of names to values, got {short_repr(data)}"
+            f"{what}: options must be a mapping of names to values, got {brief(data)}"
         )
     try:
         return cls(**dict(data or {}))

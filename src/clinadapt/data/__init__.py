@@ -1,28 +1,31 @@
-"""Datasets: the built-in clinical-shift data, MedMNIST, image folders, CSV manifests, DICOM, NIfTI."""
+"""Datasets: the built-in clinical-shift data, MedMNIST, image folders, CSV manifests, DICOM, NIfTI.
+
+Importing this package is cheap: the registry is declared as data, and the readers (and numpy,
+torch) are imported when a dataset is loaded.
+"""
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from clinadapt._registry import Registry
-from clinadapt.data.base import (
-    META_KEYS,
-    ArraySource,
-    ClinicalDataset,
-    FileSource,
-    ImageSource,
-    check_image,
-)
+from clinadapt.data.registry import DATASETS
 from clinadapt.errors import DataError
 
-#: name -> loader(**kwargs) -> ClinicalDataset
-DATASETS: Registry = Registry("dataset")
+if TYPE_CHECKING:
+    from clinadapt.data.base import ClinicalDataset
+
+_LAZY = {
+    name: "clinadapt.data.base"
+    for name in ("META_KEYS", "ArraySource", "ClinicalDataset", "FileSource", "ImageSource")
+} | {"check_image": "clinadapt.data.base"}
 
 
-def _register_builtin() -> None:
-    # Imported for their registrations.
-    from clinadapt.data import medmnist, synthetic, synthetic_seg  # noqa: F401
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'clinadapt.data' has no attribute {name!r}")
 
 
 def load_dataset(name_or_path: str | Path, **kwargs: Any) -> ClinicalDataset:
@@ -33,7 +36,6 @@ def load_dataset(name_or_path: str | Path, **kwargs: Any) -> ClinicalDataset:
     Segmentation: a directory with ``images/`` and ``masks/`` (optionally under split folders),
     a manifest with a ``mask`` column, or a NIfTI volume with ``labels=`` its label volume.
     """
-    _register_builtin()
     key = str(name_or_path)
     if key in DATASETS:
         return DATASETS.get(key)(**kwargs)
@@ -76,7 +78,7 @@ def _manifest(path: Path, kwargs: dict[str, Any]) -> ClinicalDataset:
 
 
 def list_datasets() -> list[str]:
-    _register_builtin()
+    """Registered dataset names, sorted."""
     return DATASETS.names()
 
 

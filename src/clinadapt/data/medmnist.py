@@ -2,8 +2,8 @@
 
 Each file holds ``{train,val,test}_{images,labels}``: images uint8 (N,S,S) grey or (N,S,S,3) RGB,
 labels (N,1) class indices (or (N,14) multi-hot for ChestMNIST). File names are ``<flag>.npz``
-for 28x28 and ``<flag>_<size>.npz`` for 64/128/224. Facts below (label maps, tasks, channel counts,
-MD5s, Zenodo record) follow the MedMNIST package's ``INFO`` table, version 3.0.2.
+for 28x28 and ``<flag>_<size>.npz`` for 64/128/224. The facts about each set (label maps, tasks,
+channel counts, MD5s, Zenodo record) are data: ``medmnist.json``, read by ``medmnist_info``.
 """
 
 from __future__ import annotations
@@ -15,304 +15,27 @@ import socket
 import tempfile
 import urllib.request
 from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from clinadapt.data import DATASETS
-from clinadapt.data.base import ClinicalDataset, ImageSource, Task
+from clinadapt.data.base import ClinicalDataset, ImageSource
+from clinadapt.data.medmnist_info import (
+    FLAGS,
+    INFO,
+    SIZES,
+    ZENODO_RECORD,
+    MedMNISTInfo,
+    Task,
+    medmnist_info,
+)
+from clinadapt.data.registry import DATASETS
 from clinadapt.env import env_flag
 from clinadapt.errors import DataError
 
-SIZES: tuple[int, ...] = (28, 64, 128, 224)
 SPLITS: tuple[str, ...] = ("train", "val", "test")
-ZENODO_RECORD = "https://zenodo.org/records/10519652/files"
 _PROBE_HOST = ("zenodo.org", 443)
-
-_ORGANS = (
-    "bladder",
-    "femur-left",
-    "femur-right",
-    "heart",
-    "kidney-left",
-    "kidney-right",
-    "liver",
-    "lung-left",
-    "lung-right",
-    "pancreas",
-    "spleen",
-)
-_3D_FLAGS = (
-    "organmnist3d",
-    "nodulemnist3d",
-    "adrenalmnist3d",
-    "fracturemnist3d",
-    "vesselmnist3d",
-    "synapsemnist3d",
-)
-
-
-@dataclass(frozen=True)
-class MedMNISTInfo:
-    """What one MedMNIST 2D dataset holds: modality, task, channels, classes, checksums."""
-
-    flag: str
-    modality: str
-    what: str
-    task: Task
-    n_channels: int
-    class_names: tuple[str, ...]
-    md5: dict[int, str]  # size -> MD5 of the official file
-    note: str = ""
-
-    def file_name(self, size: int = 28) -> str:
-        return f"{self.flag}.npz" if size == 28 else f"{self.flag}_{size}.npz"
-
-    def url(self, size: int = 28) -> str:
-        return f"{ZENODO_RECORD}/{self.file_name(size)}?download=1"
-
-
-def _info(flag, modality, what, task, ch, names, md5s, note=""):
-    return MedMNISTInfo(
-        flag, modality, what, task, ch, tuple(names), dict(zip(SIZES, md5s, strict=True)), note
-    )
-
-
-INFO: dict[str, MedMNISTInfo] = {
-    i.flag: i
-    for i in [
-        _info(
-            "pathmnist",
-            "pathology",
-            "colorectal cancer histology (H&E)",
-            "multiclass",
-            3,
-            [
-                "adipose",
-                "background",
-                "debris",
-                "lymphocytes",
-                "mucus",
-                "smooth muscle",
-                "normal colon mucosa",
-                "cancer-associated stroma",
-                "colorectal adenocarcinoma epithelium",
-            ],
-            [
-                "a8b06965200029087d5bd730944a56c1",
-                "55aa9c1e0525abe5a6b9d8343a507616",
-                "ac42d08fb904d92c244187169d1fd1d9",
-                "2c51a510bcdc9cf8ddb2af93af1eadec",
-            ],
-            "test set from a different clinical centre (CRC-VAL-HE-7K)",
-        ),
-        _info(
-            "chestmnist",
-            "xray",
-            "chest X-ray (NIH ChestX-ray14)",
-            "multilabel",
-            1,
-            [
-                "atelectasis",
-                "cardiomegaly",
-                "effusion",
-                "infiltration",
-                "mass",
-                "nodule",
-                "pneumonia",
-                "pneumothorax",
-                "consolidation",
-                "edema",
-                "emphysema",
-                "fibrosis",
-                "pleural",
-                "hernia",
-            ],
-            [
-                "02c8a6516a18b556561a56cbdd36c4a8",
-                "9de6cd0b934ebb5b7426cfba5efbae16",
-                "db107e5590b27930b62dbaf558aebee3",
-                "45bd33e6f06c3e8cdb481c74a89152aa",
-            ],
-        ),
-        _info(
-            "dermamnist",
-            "dermoscopy",
-            "dermatoscopic skin lesions (HAM10000)",
-            "multiclass",
-            3,
-            [
-                "actinic keratoses and intraepithelial carcinoma",
-                "basal cell carcinoma",
-                "benign keratosis-like lesions",
-                "dermatofibroma",
-                "melanoma",
-                "melanocytic nevi",
-                "vascular lesions",
-            ],
-            [
-                "0744692d530f8e62ec473284d019b0c7",
-                "b70a2f5635c6199aeaa28c31d7202e1f",
-                "2defd784463fa5243564e855ed717de1",
-                "8974907d8e169bef5f5b96bc506ae45d",
-            ],
-        ),
-        _info(
-            "octmnist",
-            "oct",
-            "retinal optical coherence tomography",
-            "multiclass",
-            1,
-            ["choroidal neovascularization", "diabetic macular edema", "drusen", "normal"],
-            [
-                "c68d92d5b585d8d81f7112f81e2d0842",
-                "e229e9440236b774d9f0dfef9d07bdaf",
-                "0a97e76651ace45c5d943ee3f65b63ae",
-                "abc493b6d529d5de7569faaef2773ba3",
-            ],
-        ),
-        _info(
-            "pneumoniamnist",
-            "xray",
-            "paediatric chest X-ray",
-            "binary",
-            1,
-            ["normal", "pneumonia"],
-            [
-                "28209eda62fecd6e6a2d98b1501bb15f",
-                "8f4eceb4ccffa70c672198ea285246c6",
-                "05b46931834c231683c68f40c47b2971",
-                "d6a3c71de1b945ea11211b03746c1fe1",
-            ],
-        ),
-        _info(
-            "retinamnist",
-            "fundus",
-            "retinal fundus photographs (DeepDRiD), diabetic retinopathy grade",
-            "multiclass",
-            3,
-            ["0", "1", "2", "3", "4"],
-            [
-                "bd4c0672f1bba3e3a89f0e4e876791e4",
-                "afda852cc34dcda56f86ad2b2457dbcc",
-                "e48e916a24454daf90583d4e6efb1a18",
-                "eae7e3b6f3fcbda4ae613ebdcbe35348",
-            ],
-            "officially ordinal regression; read as 5 ordered classes (grades 0-4)",
-        ),
-        _info(
-            "breastmnist",
-            "ultrasound",
-            "breast ultrasound",
-            "binary",
-            1,
-            ["malignant", "normal, benign"],
-            [
-                "750601b1f35ba3300ea97c75c52ff8f6",
-                "742edef2a1fd1524b2efff4bd7ba9364",
-                "363e4b3f8d712e9b5de15470a2aaadf1",
-                "b56378a6eefa9fed602bb16d192d4c8b",
-            ],
-            "class 1 ('normal, benign') is the official positive class",
-        ),
-        _info(
-            "bloodmnist",
-            "microscopy",
-            "blood cell microscopy",
-            "multiclass",
-            3,
-            [
-                "basophil",
-                "eosinophil",
-                "erythroblast",
-                "immature granulocytes(myelocytes, metamyelocytes and promyelocytes)",
-                "lymphocyte",
-                "monocyte",
-                "neutrophil",
-                "platelet",
-            ],
-            [
-                "7053d0359d879ad8a5505303e11de1dc",
-                "2b94928a2ae4916078ca51e05b6b800b",
-                "adace1e0ed228fccda1f39692059dd4c",
-                "b718ff6835fcbdb22ba9eacccd7b2601",
-            ],
-        ),
-        _info(
-            "tissuemnist",
-            "microscopy",
-            "kidney cortex cell microscopy (BBBC051)",
-            "multiclass",
-            1,
-            [
-                "Collecting Duct, Connecting Tubule",
-                "Distal Convoluted Tubule",
-                "Glomerular endothelial cells",
-                "Interstitial endothelial cells",
-                "Leukocytes",
-                "Podocytes",
-                "Proximal Tubule Segments",
-                "Thick Ascending Limb",
-            ],
-            [
-                "ebe78ee8b05294063de985d821c1c34b",
-                "123ece2eba09d0aa5d698fda57103344",
-                "61b955355d7425a89687b06cca3ce0c2",
-                "b077128c4a949f0a4eb01517f9037b9c",
-            ],
-        ),
-        _info(
-            "organamnist",
-            "ct",
-            "abdominal CT, axial view",
-            "multiclass",
-            1,
-            _ORGANS,
-            [
-                "68e3f8846a6bd62f0c9bf841c0d9eacc",
-                "2dcccc29b88e6da5a01161ef20cda288",
-                "eeae80d0a227a8d099027e1b3cfd3b60",
-                "50747347e05c87dd3aaf92c49f9f3170",
-            ],
-        ),
-        _info(
-            "organcmnist",
-            "ct",
-            "abdominal CT, coronal view",
-            "multiclass",
-            1,
-            _ORGANS,
-            [
-                "b9ceb9546e10131b32923c5bbeaea2b1",
-                "3ce34a8724ea6f548e6db4744d03b6a9",
-                "773c1f009daa3fe5d9a2a201b2a7ed94",
-                "050f5e875dc056f6768abf94ec9995d1",
-            ],
-        ),
-        _info(
-            "organsmnist",
-            "ct",
-            "abdominal CT, sagittal view",
-            "multiclass",
-            1,
-            _ORGANS,
-            [
-                "9ab87b696fb54e2a387ebe992d6ed5f1",
-                "53a6d115339d874c25e309a994ff46d3",
-                "ded0c5fa01a95dc4978b956f613e9b8e",
-                "b354719e553fbbb2513d5533f52a4cb1",
-            ],
-        ),
-    ]
-}
-FLAGS: tuple[str, ...] = tuple(INFO)
-
-# PathMNIST's test set comes from another centre: a natural site shift worth keeping as metadata.
-_DOMAINS = {
-    "pathmnist": {"train": "NCT-CRC-HE-100K", "val": "NCT-CRC-HE-100K", "test": "CRC-VAL-HE-7K"}
-}
 
 
 class NpzSource(ImageSource):
@@ -350,18 +73,6 @@ class NpzSource(ImageSource):
                 h.update(np.ascontiguousarray(a).data)
             self._fp = h.hexdigest()
         return self._fp
-
-
-def medmnist_info(flag: str) -> MedMNISTInfo:
-    """The facts about one MedMNIST 2D flag; DataError for an unknown one."""
-    if flag in INFO:
-        return INFO[flag]
-    if flag in _3D_FLAGS:
-        raise DataError(
-            f"MedMNIST flag {flag!r} is a 3D dataset; only the 2D ones are supported: "
-            f"{', '.join(FLAGS)}"
-        )
-    raise DataError(f"unknown MedMNIST flag {flag!r}; known 2D flags: {', '.join(FLAGS)}")
 
 
 def _check_size(size: int, where: str) -> None:
@@ -592,8 +303,8 @@ def load_medmnist_npz(
         raise DataError(f"{where}: the {'/'.join(splits)} split(s) hold no images")
     split_meta = np.concatenate([np.full(len(a), s) for a, s in zip(arrays, names, strict=True)])
     metadata = {"split": split_meta}
-    if flag in _DOMAINS:
-        metadata["domain"] = np.array([_DOMAINS[flag][s] for s in split_meta])
+    if info.domains:
+        metadata["domain"] = np.array([info.domains[s] for s in split_meta])
     shape_size = arrays[0].shape[1]
     return ClinicalDataset(
         name=info.flag if shape_size == 28 else f"{info.flag}_{shape_size}",
@@ -606,16 +317,19 @@ def load_medmnist_npz(
     )
 
 
-def _help(info: MedMNISTInfo) -> str:
-    k = len(info.class_names)
-    task = {"multiclass": "multi-class", "binary": "binary", "multilabel": "multi-label"}[info.task]
-    if info.flag == "retinamnist":
-        task = "ordinal grades read as multi-class"
-    return f"MedMNIST {info.modality}: {info.what}; {k} classes, {task}"
+__all__ = [
+    "FLAGS",
+    "INFO",
+    "SIZES",
+    "SPLITS",
+    "ZENODO_RECORD",
+    "MedMNISTInfo",
+    "Task",
+    "load_medmnist",
+    "load_medmnist_npz",
+    "medmnist_info",
+    "medmnist_path",
+]
 
-
-for _flag, _i in INFO.items():
-    if _flag not in DATASETS:
-        DATASETS.register(
-            _flag, partial(load_medmnist, _flag), help=_help(_i), tags=("medmnist", _i.modality)
-        )
+for _flag in INFO:  # declared (help, tags) in data/registry.py from medmnist.json
+    DATASETS.register(_flag, partial(load_medmnist, _flag))

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 from scipy.ndimage import gaussian_filter, zoom
 
-from clinadapt.data import DATASETS
 from clinadapt.data.base import META_KEYS, ArraySource, ClinicalDataset
+from clinadapt.data.registry import DATASETS
 from clinadapt.errors import DataError
 
 CLASS_NAMES = ["normal", "nodule", "consolidation", "effusion"]
@@ -284,8 +284,4 @@ def make_clinical_shift(
     )
 
 
-DATASETS.register(
-    "clinical-shift",
-    make_clinical_shift,
-    help="built-in synthetic chest X-ray-like images, 4 classes, 4 sites with scanner shifts (no download)",
-)
+DATASETS.register("clinical-shift", make_clinical_shift)  # declared in datasets.json

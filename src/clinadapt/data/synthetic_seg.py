@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from clinadapt.data import DATASETS
 from clinadapt.data.base import ArraySource
+from clinadapt.data.registry import DATASETS
 from clinadapt.data.segmentation import ArrayMasks, SegmentationDataset, class_areas
 from clinadapt.data.synthetic import (
     SITES,
@@ -135,9 +135,4 @@ def make_clinical_shift_seg(
     )
 
 
-DATASETS.register(
-    "clinical-shift-seg",
-    make_clinical_shift_seg,
-    help="built-in synthetic chest X-ray-like images with lung and lesion masks, the 4 sites of "
-    "clinical-shift (no download)",
-)
+DATASETS.register("clinical-shift-seg", make_clinical_shift_seg)  # declared in datasets.json

@@ -1,25 +1,25 @@
-"""How to adapt: methods registered by short name."""
+"""How to adapt: methods registered by short name (declared in ``methods.json``).
 
-from clinadapt.methods import (  # noqa: F401  (registrations)
-    coop,
-    dapl,
-    finetune,
-    knn,
-    probe,
-    prototype,
-    seg,
-    tip_adapter,
-    tta,
-    zeroshot,
-)
-from clinadapt.methods.base import (
-    METHODS,
-    Context,
-    FitMethod,
-    Method,
-    Options,
-    TTAMethod,
-    predict_proba,
+Each method's module is imported the first time the method is used.
+"""
+
+from clinadapt._lazy import lazy_exports
+from clinadapt.methods.registry import METHODS
+
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        name: "clinadapt.methods.base"
+        for name in ("Context", "FitMethod", "Method", "Options", "TTAMethod", "predict_proba")
+    },
 )
 
-__all__ = ["METHODS", "Context", "FitMethod", "Method", "Options", "TTAMethod", "predict_proba"]
+__all__ = [
+    "METHODS",
+    "Context",
+    "FitMethod",
+    "Method",
+    "Options",
+    "TTAMethod",
+    "predict_proba",
+]

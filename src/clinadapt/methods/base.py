@@ -10,13 +10,11 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from clinadapt._registry import Registry
 from clinadapt.classifier import ImageClassifier
 from clinadapt.data.base import ClinicalDataset
+from clinadapt.methods.registry import METHODS  # noqa: F401  (re-exported: modules register through here)
 from clinadapt.progress import progress
 from clinadapt.validate import parse_model
-
-METHODS: Registry = Registry("method")
 
 
 class Options(BaseModel):

@@ -81,7 +81,7 @@ def frozen_features(
     return torch.as_tensor(feats, dtype=torch.float32, device=ctx.device)
 
 
-@METHODS.register("coop", help="CoOp: learnable text context, frozen CLIP towers (few-shot)")
+@METHODS.register("coop")
 class CoOp(FitMethod):
     """Train the context vectors of the prompt head on (few-shot) labelled images."""
 

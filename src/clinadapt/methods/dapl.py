@@ -111,10 +111,7 @@ def pick_targets(unlabelled: dict[str, ClinicalDataset], wanted: list[str] | Non
     return list(wanted)
 
 
-@METHODS.register(
-    "dapl",
-    help="DAPL: shared + per-domain text context, labelled source, pseudo-labelled target",
-)
+@METHODS.register("dapl")
 class DAPL(FitMethod):
     """Learn shared and per-domain prompt context from labelled source and unlabelled target."""
 

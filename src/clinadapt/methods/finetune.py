@@ -96,10 +96,7 @@ def supervised_loss(
     return F.cross_entropy(logits, y, weight=weight, label_smoothing=smoothing)
 
 
-@METHODS.register(
-    "finetune",
-    help="supervised training of the target's parameters (AdamW, cosine, early stopping)",
-)
+@METHODS.register("finetune")
 class Finetune(FitMethod):
     """Train the parameters the target opened; keep the epoch best on the validation metric."""
 

@@ -66,9 +66,7 @@ class KNNHead(FeatureHead):
         return self.vote_shares(f).clamp_min(EPS).log()
 
 
-@METHODS.register(
-    "knn", help="k nearest neighbours on frozen features (cosine), vote probabilities"
-)
+@METHODS.register("knn")
 class KNN(FrozenFeatureMethod):
     """Predict the (similarity-weighted) vote shares of the nearest support images."""
 

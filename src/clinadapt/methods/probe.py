@@ -42,9 +42,7 @@ def head_from_logistic(clf: LogisticRegression, num_classes: int) -> tuple[np.nd
     return w, b
 
 
-@METHODS.register(
-    "linear-probe", help="logistic regression on frozen features, C chosen on validation"
-)
+@METHODS.register("linear-probe")
 class LinearProbe(FrozenFeatureMethod):
     """Fit a multinomial logistic regression on frozen features and make it the linear head."""
 

@@ -70,9 +70,7 @@ def class_means(x: np.ndarray, y: np.ndarray, num_classes: int) -> tuple[np.ndar
     return means.astype(np.float32), present
 
 
-@METHODS.register(
-    "prototype", help="nearest class mean on frozen features (cosine or Euclidean); no gradients"
-)
+@METHODS.register("prototype")
 class Prototype(FrozenFeatureMethod):
     """Classify by similarity to the mean feature of each class's support images."""
 

@@ -169,10 +169,7 @@ def _text_weights(
     return zeroshot_weights(model.encoder, data.class_names, templates).float().cpu()
 
 
-@METHODS.register(
-    "tip-adapter",
-    help="Tip-Adapter: training-free few-shot cache blended with CLIP zero-shot (alpha, beta searched)",
-)
+@METHODS.register("tip-adapter")
 class TipAdapter(FrozenFeatureMethod):
     """Build the cache from the support features; search alpha and beta on validation."""
 
@@ -228,10 +225,7 @@ class TipAdapter(FrozenFeatureMethod):
         return keys
 
 
-@METHODS.register(
-    "tip-adapter-f",
-    help="Tip-Adapter-F: the Tip-Adapter cache with its keys fine-tuned (AdamW, cosine, 20 epochs)",
-)
+@METHODS.register("tip-adapter-f")
 class TipAdapterF(TipAdapter):
     """Tip-Adapter with the cache keys trained by cross-entropy on the support set."""
 

@@ -122,9 +122,7 @@ def resolve_templates(options: ZeroShotOptions, modality: str) -> list[str]:
     return list(templates_for(modality))
 
 
-@METHODS.register(
-    "zeroshot", help="CLIP zero-shot: cosine similarity to prompt-ensemble text embeddings"
-)
+@METHODS.register("zeroshot")
 class ZeroShot(FitMethod):
     """Set the head to the text embeddings of the class prompts; no label is read."""
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -13,49 +12,33 @@ import torch.nn.functional as F
 from torch import nn
 
 from clinadapt.errors import DataError, IncompatibleError
+from clinadapt.models.preprocessing import LUMA_WEIGHTS, Preprocessing
 
-# ITU-R BT.601 luma weights: the rule for turning an RGB image into one grey channel.
-LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+__all__ = [
+    "LUMA_WEIGHTS",
+    "FoundationModel",
+    "Preprocessing",
+    "adapt_channels",
+    "to_model_input",
+]
 
 
-@dataclass(frozen=True)
-class Preprocessing:
-    """What a backbone expects as input: size, channels and normalisation.
-
-    Channel rule (applied by :meth:`__call__`): a grey image given to a 3-channel model is
-    replicated into R, G and B (the convention of CheXpert/MedMNIST pipelines, which keeps the
-    pretrained per-channel normalisation meaningful); an RGB image given to a 1-channel model is
-    reduced to its BT.601 luma; an alpha channel is dropped. Any other channel count must match
-    the model exactly, or the call fails naming both counts.
-    """
-
-    image_size: tuple[int, int] = (224, 224)
-    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
-    std: tuple[float, ...] = (0.229, 0.224, 0.225)
-    in_chans: int = 3
-    interpolation: str = "bilinear"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def __call__(self, images: torch.Tensor | np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
-        """Turn uint8 images (N,H,W), (N,H,W,C) or a list of (H,W[,C]) into a normalised batch."""
-        x = _to_float_nchw(images)
-        x = adapt_channels(x, self.in_chans)
-        if tuple(x.shape[-2:]) != tuple(self.image_size):
-            mode = (
-                self.interpolation if self.interpolation in ("bilinear", "bicubic") else "bilinear"
-            )
-            x = F.interpolate(
-                x, size=self.image_size, mode=mode, align_corners=False, antialias=True
-            )
-            x = x.clamp_(0.0, 1.0)
-        mean = torch.tensor(self.mean, dtype=x.dtype).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, dtype=x.dtype).view(1, -1, 1, 1)
-        if mean.shape[1] != x.shape[1]:
-            mean = mean.mean().expand(1, x.shape[1], 1, 1)
-            std = std.mean().expand(1, x.shape[1], 1, 1)
-        return (x - mean) / std
+def to_model_input(
+    pp: Preprocessing, images: torch.Tensor | np.ndarray | Sequence[np.ndarray]
+) -> torch.Tensor:
+    """Turn uint8 images into the normalised batch ``pp`` describes (see :class:`Preprocessing`)."""
+    x = _to_float_nchw(images)
+    x = adapt_channels(x, pp.in_chans)
+    if tuple(x.shape[-2:]) != tuple(pp.image_size):
+        mode = pp.interpolation if pp.interpolation in ("bilinear", "bicubic") else "bilinear"
+        x = F.interpolate(x, size=pp.image_size, mode=mode, align_corners=False, antialias=True)
+        x = x.clamp_(0.0, 1.0)
+    mean = torch.tensor(pp.mean, dtype=x.dtype).view(1, -1, 1, 1)
+    std = torch.tensor(pp.std, dtype=x.dtype).view(1, -1, 1, 1)
+    if mean.shape[1] != x.shape[1]:
+        mean = mean.mean().expand(1, x.shape[1], 1, 1)
+        std = std.mean().expand(1, x.shape[1], 1, 1)
+    return (x - mean) / std
 
 
 def _to_float_nchw(images: torch.Tensor | np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:

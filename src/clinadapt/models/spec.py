@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
-from clinadapt.models.base import Preprocessing
+from clinadapt.models.preprocessing import Preprocessing
 
 Family = Literal["timm", "open_clip", "hf"]
 FAMILIES: tuple[str, ...] = ("timm", "open_clip", "hf")
@@ -23,7 +23,8 @@ class ModelSpec:
     weights as that library spells them (timm: hub repo; open_clip: tag, file or ``hf-hub:``
     repo; transformers: hub repo or local directory); ``None`` means there are none (tiny models).
     ``kwargs`` are constructor arguments (the small sizes of tiny models, input size overrides);
-    ``preprocess`` fixes the preprocessing instead of reading it from the library.
+    ``preprocess`` fixes the preprocessing instead of reading it from the library; ``note`` says
+    why a setting is what it is.
     """
 
     name: str
@@ -36,10 +37,24 @@ class ModelSpec:
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     preprocess: Preprocessing | None = None
     seed: int = 0
+    note: str = ""
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ValueError(f"model family must be one of {FAMILIES}, got {self.family!r}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], family: str | None = None) -> ModelSpec:
+        """A spec from JSON data (``family`` given by the file it was declared in)."""
+        d = dict(data)
+        if family is not None:
+            d.setdefault("family", family)
+        if d.get("preprocess") is not None:
+            d["preprocess"] = Preprocessing.from_dict(d["preprocess"])
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"model spec {d.get('name')!r}: unknown key(s) {sorted(unknown)}")
+        return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
         """The spec as JSON-able data (what ``clinadapt models NAME`` shows)."""

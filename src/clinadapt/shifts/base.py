@@ -9,12 +9,10 @@ from typing import Any
 
 import numpy as np
 
-from clinadapt._registry import Registry
 from clinadapt.data.base import SEGMENTATION, ClinicalDataset
 from clinadapt.errors import ConfigError, DataError
+from clinadapt.shifts.registry import SHIFTS
 from clinadapt.validate import did_you_mean
-
-SHIFTS: Registry = Registry("shift")
 
 
 @dataclass

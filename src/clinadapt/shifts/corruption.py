@@ -23,9 +23,7 @@ def parse_set_name(set_name: str) -> tuple[str, int] | None:
     return name, int(sev)
 
 
-@SHIFTS.register(
-    "corruption", help="train on clean data, test clean and under acquisition artefacts x severity"
-)
+@SHIFTS.register("corruption")
 def corruption_shift(
     ds: ClinicalDataset,
     seed: int = 0,

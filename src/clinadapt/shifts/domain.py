@@ -7,14 +7,14 @@ from clinadapt.errors import ConfigError, DataError
 from clinadapt.shifts.base import SHIFTS, ShiftSplit, ensure_splits, val_or_none
 
 
-@SHIFTS.register("none", help="no shift: the dataset's own train/val/test split")
+@SHIFTS.register("none")
 def no_shift(ds: ClinicalDataset, seed: int = 0) -> ShiftSplit:
     ds = ensure_splits(ds, seed=seed)
     val = val_or_none(ds, split="val")
     return ShiftSplit("none", ds.split("train"), val, {"test": ds.split("test")}, ["test"])
 
 
-@SHIFTS.register("domain", help="train on source domains (sites/scanners), test on every domain")
+@SHIFTS.register("domain")
 def domain_shift(
     ds: ClinicalDataset,
     seed: int = 0,
@@ -54,9 +54,7 @@ def domain_shift(
     return ShiftSplit("domain", train, val, tests, list(sources), opts)
 
 
-@SHIFTS.register(
-    "lodo", help="leave one domain out: train on all other domains, test on the held-out one"
-)
+@SHIFTS.register("lodo")
 def leave_one_domain_out(
     ds: ClinicalDataset, seed: int = 0, holdout: str | None = None, key: str = "domain"
 ) -> ShiftSplit:

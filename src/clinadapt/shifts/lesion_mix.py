@@ -64,10 +64,7 @@ def lesion_mix(
     return out
 
 
-@SHIFTS.register(
-    "lesion-mix",
-    help="segmentation: resample the test set to another mix of empty images and object sizes",
-)
+@SHIFTS.register("lesion-mix")
 def lesion_mix_shift(
     ds: SegmentationDataset,
     seed: int = 0,

@@ -96,7 +96,7 @@ def resample_to_prevalence(
     return ds.subset(pos, name=f"{ds.name}[prevalence]")
 
 
-@SHIFTS.register("prevalence", help="resample the test set to another class mix (label shift)")
+@SHIFTS.register("prevalence")
 def prevalence_shift(
     ds: ClinicalDataset,
     seed: int = 0,

@@ -1,25 +1,25 @@
-"""What to adapt: targets registered by short name (head, norm, lora, adapter, prompt, ...)."""
+"""What to adapt: targets registered by short name (head, norm, lora, adapter, prompt, ...).
 
-from clinadapt.targets import (  # noqa: F401  (registrations)
-    adapter,
-    basic,
-    last_k,
-    lora,
-    prompt,
-    segmenter,
-    text_prompt,
+Declared in ``targets.json``; each target's module is imported the first time it is used.
+"""
+
+from clinadapt._lazy import lazy_exports
+from clinadapt.targets.registry import TARGETS
+
+_BASE = ("Target", "TargetInfo", "TargetOptions", "apply_target", "count_parameters")
+__getattr__ = lazy_exports(
+    __name__,
+    {name: "clinadapt.targets.base" for name in _BASE}
+    | {name: "clinadapt.targets.io" for name in ("load_adapted", "save_adapted")}
+    | {
+        name: "clinadapt.targets.lora"
+        for name in ("merge_and_unload_lora", "merge_lora", "unmerge_lora")
+    }
+    | {
+        name: "clinadapt.targets.temperature"
+        for name in ("adaptive_softmax", "enable_adaptive_temperature")
+    },
 )
-from clinadapt.targets.base import (
-    TARGETS,
-    Target,
-    TargetInfo,
-    TargetOptions,
-    apply_target,
-    count_parameters,
-)
-from clinadapt.targets.io import load_adapted, save_adapted
-from clinadapt.targets.lora import merge_and_unload_lora, merge_lora, unmerge_lora
-from clinadapt.targets.temperature import adaptive_softmax, enable_adaptive_temperature
 
 __all__ = [
     "TARGETS",

@@ -71,9 +71,7 @@ def adapters(model: nn.Module) -> list[Adapter]:
     return [m for m in model.modules() if isinstance(m, Adapter)]
 
 
-@TARGETS.register(
-    "adapter", help="bottleneck adapters at each block's MLP; adapter+head also trains a head"
-)
+@TARGETS.register("adapter")
 class AdapterTarget(Target):
     """Insert one adapter per transformer block and train only the adapters."""
 

@@ -9,11 +9,9 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from clinadapt._registry import Registry
-from clinadapt.errors import ConfigError, IncompatibleError
+from clinadapt.errors import ConfigError, IncompatibleError, brief
+from clinadapt.targets.registry import TARGETS
 from clinadapt.validate import parse_model
-
-TARGETS: Registry = Registry("target")
 
 
 class TargetOptions(BaseModel):

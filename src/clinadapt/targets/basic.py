@@ -36,7 +36,7 @@ def norm_layers(module: nn.Module) -> list[nn.Module]:
     return out
 
 
-@TARGETS.register("head", help="a new linear head on a frozen backbone")
+@TARGETS.register("head")
 class HeadTarget(Target):
     """Train only the classification head; the backbone stays frozen."""
 
@@ -52,9 +52,7 @@ class HeadTarget(Target):
             p.requires_grad_(True)
 
 
-@TARGETS.register(
-    "norm", help="affine parameters of BatchNorm/LayerNorm/GroupNorm only (what Tent updates)"
-)
+@TARGETS.register("norm")
 class NormTarget(Target):
     """Train the scale and shift of every normalisation layer of the backbone."""
 
@@ -72,7 +70,7 @@ class NormTarget(Target):
                 p.requires_grad_(True)
 
 
-@TARGETS.register("bias", help="only the bias terms of the backbone (BitFit)")
+@TARGETS.register("bias")
 class BiasTarget(Target):
     """Train every parameter named ``bias`` in the backbone (Ben Zaken et al., ACL 2022)."""
 
@@ -90,7 +88,7 @@ class BiasTarget(Target):
             )
 
 
-@TARGETS.register("full", help="every parameter of backbone and head")
+@TARGETS.register("full")
 class FullTarget(Target):
     """Train everything."""
 

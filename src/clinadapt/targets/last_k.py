@@ -36,10 +36,7 @@ def after_blocks(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
     ]
 
 
-@TARGETS.register(
-    "last-k",
-    help="the last k blocks (ViT blocks, Swin stages, ResNet layers, HF layers) + final norm",
-)
+@TARGETS.register("last-k")
 class LastKTarget(Target):
     """Train the final ``k`` blocks of the backbone, and by default the layers after them."""
 

@@ -146,7 +146,7 @@ def merge_and_unload_lora(model: nn.Module) -> int:
     return len(layers)
 
 
-@TARGETS.register("lora", help="LoRA on attention projections (peft); lora+head also trains a head")
+@TARGETS.register("lora")
 class LoraTarget(Target):
     """Inject LoRA into the backbone's projections and train only the low-rank factors."""
 

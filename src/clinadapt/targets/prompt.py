@@ -70,9 +70,7 @@ def prompt_modules(model: nn.Module) -> list[PromptTokens]:
     return [m for m in model.modules() if isinstance(m, PromptTokens)]
 
 
-@TARGETS.register(
-    "prompt", help="visual prompt tuning (VPT) in timm ViTs; prompt+head also trains a head"
-)
+@TARGETS.register("prompt")
 class PromptTarget(Target):
     """Insert learnable prompt tokens into a timm ViT and train only them."""
 

@@ -30,9 +30,7 @@ def _part(model: nn.Module, attr: str, target: str) -> nn.Module:
     return part
 
 
-@TARGETS.register(
-    "image-encoder", help="every parameter of the image encoder (MedSAM: image-encoder+decoder)"
-)
+@TARGETS.register("image-encoder")
 class ImageEncoderTarget(Target):
     """Train the whole image encoder (a classifier's backbone, a segmenter's encoder)."""
 
@@ -43,7 +41,7 @@ class ImageEncoderTarget(Target):
             p.requires_grad_(True)
 
 
-@TARGETS.register("decoder", help="the mask decoder of a SAM-like segmenter (decoder-only tuning)")
+@TARGETS.register("decoder")
 class DecoderTarget(Target):
     """Train the mask decoder: two-way transformer, upscaling, hypernetwork MLPs, IoU head."""
 
@@ -54,10 +52,7 @@ class DecoderTarget(Target):
             p.requires_grad_(True)
 
 
-@TARGETS.register(
-    "prompt-encoder",
-    help="the prompt encoder of a SAM-like segmenter and its learned default prompt, if any",
-)
+@TARGETS.register("prompt-encoder")
 class PromptEncoderTarget(Target):
     """Train the point/box/mask embeddings (the Fourier position matrix stays fixed, as in SAM)."""
 
@@ -134,11 +129,7 @@ def _width(module: nn.Module, what: str, where: str) -> int:
     raise IncompatibleError(f"target 'sam-adapter': {where}.{what} has no output projection")
 
 
-@TARGETS.register(
-    "sam-adapter",
-    help="Medical-SAM-Adapter: a space adapter after each encoder block's attention and one "
-    "beside its MLP",
-)
+@TARGETS.register("sam-adapter")
 class SamAdapterTarget(Target):
     """Medical-SAM-Adapter (Wu et al., Med. Image Anal. 2025), 2D: per image-encoder block,
     ``x = attn(norm1(x)); x = x + Space_Adapter(x)`` before the residual, and

@@ -224,9 +224,7 @@ class TextPromptOptions(TargetOptions):
     )
 
 
-@TARGETS.register(
-    "text-prompt", help="learnable text context tokens of a CLIP-like model (CoOp, DAPL)"
-)
+@TARGETS.register("text-prompt")
 class TextPromptTarget(Target):
     """Replace the head by a :class:`PromptHead`; only its context vectors are trainable."""
 

@@ -17,11 +17,7 @@ if TYPE_CHECKING:
     from clinadapt.segmentation import Segmenter
 
 
-@METHODS.register(
-    "seg-zeroshot",
-    help="segmentation: the segmenter as it is, prompted from each reference (no training)",
-    tags=("segmentation",),
-)
+@METHODS.register("seg-zeroshot")
 class SegZeroShot(SegMethod):
     """SAM / MedSAM / SAM 2 as released, with prompts derived from the reference masks."""
 
@@ -36,11 +32,7 @@ class SegZeroShot(SegMethod):
         return {"trained": False}
 
 
-@METHODS.register(
-    "seg-finetune",
-    help="segmentation: supervised fine-tuning, MedSAM's recipe (AdamW 1e-4, Dice+BCE, jittered boxes)",
-    tags=("segmentation",),
-)
+@METHODS.register("seg-finetune")
 class SegFinetune(SegMethod):
     """Fine-tune on every labelled training image (MedSAM: target image-encoder+decoder)."""
 
@@ -82,11 +74,7 @@ def few_shot_images(ds: SegmentationDataset, shots: int, seed: int) -> np.ndarra
     return np.sort(np.array(chosen, dtype=np.int64))
 
 
-@METHODS.register(
-    "seg-fewshot",
-    help="segmentation: fine-tuning on K annotated images from K patients (decoder by default)",
-    tags=("segmentation",),
-)
+@METHODS.register("seg-fewshot")
 class SegFewShot(SegMethod):
     """Fine-tune on K annotated training images, patient-disjoint, with MedSAM's loss."""
 

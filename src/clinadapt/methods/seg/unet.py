@@ -132,11 +132,7 @@ def _input_size(image: np.ndarray, levels: int) -> int:
     return max(m, round(side / m) * m)
 
 
-@METHODS.register(
-    "unet",
-    help="segmentation baseline: a MONAI U-Net trained from scratch (Dice+CE, same budget)",
-    tags=("segmentation",),
-)
+@METHODS.register("unet")
 class UNetBaseline(SegMethod):
     """A U-Net from scratch: the non-foundation baseline every segmentation paper reports."""
 

@@ -87,9 +87,7 @@ class BNOptions(Options):
     )
 
 
-@METHODS.register(
-    "bn", help="test-batch normalisation statistics with a prior weight (Schneider et al. 2020)"
-)
+@METHODS.register("bn")
 class BatchNormAdapt(TTAMethod):
     """Re-estimate BatchNorm statistics on each test batch; no parameter is updated."""
 

@@ -133,9 +133,7 @@ class EATAAdapter(Adapter):
         return logits, None if loss is None else loss.detach()
 
 
-@METHODS.register(
-    "eata", help="filtered, weighted entropy with a Fisher anti-forgetting term (Niu, ICML 2022)"
-)
+@METHODS.register("eata")
 class EATA(StreamMethod):
     """Adapt on reliable, non-redundant samples; stay close to the source where it matters."""
 

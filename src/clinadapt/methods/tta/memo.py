@@ -79,9 +79,7 @@ class MEMOAdapter(Adapter):
         return torch.cat(out), torch.stack(losses).mean()
 
 
-@METHODS.register(
-    "memo", help="marginal entropy over AugMix views of each image (Zhang et al., NeurIPS 2022)"
-)
+@METHODS.register("memo")
 class MEMO(StreamMethod):
     """Adapt on each test image alone through its augmentations; reset after each image."""
 

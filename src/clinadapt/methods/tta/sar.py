@@ -109,9 +109,7 @@ class SARAdapter(Adapter):
         return logits, None if loss is None or not torch.isfinite(loss) else loss.detach()
 
 
-@METHODS.register(
-    "sar", help="sharpness-aware reliable entropy minimisation with recovery (Niu, ICLR 2023)"
-)
+@METHODS.register("sar")
 class SAR(StreamMethod):
     """Adapt with SAM on reliable samples; reset when the entropy says the model collapsed."""
 

@@ -9,9 +9,7 @@ from clinadapt.data.base import ClinicalDataset
 from clinadapt.methods.base import METHODS, Context, Options, TTAMethod, predict_proba
 
 
-@METHODS.register(
-    "source", help="no test-time adaptation (the reference every TTA method must beat)"
-)
+@METHODS.register("source")
 class Source(TTAMethod):
     """Predict the test stream with the frozen source model."""
 

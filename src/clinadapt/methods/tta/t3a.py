@@ -82,9 +82,7 @@ class T3AAdapter(Adapter):
         return z @ prototypes(self.supports, self.labels).T, None
 
 
-@METHODS.register(
-    "t3a", help="training-free prototype classifier from filtered test supports (NeurIPS 2021)"
-)
+@METHODS.register("t3a")
 class T3A(StreamMethod):
     """Replace the head by prototypes that follow the test stream; no gradient."""
 

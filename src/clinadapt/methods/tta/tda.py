@@ -112,9 +112,7 @@ def tda_logits(
     return out, {"positive_entries": len(pos), "negative_joined": joined_neg}
 
 
-@METHODS.register(
-    "tda", help="training-free positive/negative feature caches on the stream (CVPR 2024)"
-)
+@METHODS.register("tda")
 class TDA(TTAMethod):
     """Blend the source logits with cache logits built from the stream; nothing is trained."""
 

@@ -53,7 +53,7 @@ class TentAdapter(Adapter):
         return logits, loss.detach()
 
 
-@METHODS.register("tent", help="entropy minimisation of norm parameters (Wang et al., ICLR 2021)")
+@METHODS.register("tent")
 class Tent(StreamMethod):
     """Adapt by test entropy minimisation on each batch of the stream."""
 

@@ -101,7 +101,7 @@ def start_prompt(model: ImageClassifier, class_names: list[str], init: str) -> P
     return PromptHead(model.encoder, class_names, init=init)
 
 
-@METHODS.register("tpt", help="test-time prompt tuning: one entropy step per image on its views")
+@METHODS.register("tpt")
 class TPT(TTAMethod):
     """Tune the text context on each test image's confident views, predict, reset."""
 

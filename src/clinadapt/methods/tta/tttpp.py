@@ -91,9 +91,7 @@ class TTTPPSourceOptions(FinetuneOptions):
     aux_weight: float = Field(1.0, ge=0, description="weight of the rotation-prediction loss")
 
 
-@METHODS.register(
-    "tttpp-source", help="finetune plus TTT++'s rotation branch and source feature statistics"
-)
+@METHODS.register("tttpp-source")
 class TTTPPSource(Finetune):
     """Train classifier and rotation branch jointly; record the source feature statistics."""
 
@@ -193,9 +191,7 @@ class TTTPPAdapter(Adapter):
         return self.predict(x), loss.detach()
 
 
-@METHODS.register(
-    "tttpp", help="rotation self-supervision plus online feature alignment (TTT++, NeurIPS 2021)"
-)
+@METHODS.register("tttpp")
 class TTTPP(StreamMethod):
     """Adapt with the self-supervised branch and source feature statistics from source time."""
 

@@ -106,9 +106,7 @@ class VNLAdapter(Adapter):
         return logits, loss.detach()
 
 
-@METHODS.register(
-    "vnl", help="soft pseudo-labels refined by feature-space neighbours (Ambekar et al. 2023)"
-)
+@METHODS.register("vnl")
 class VNL(StreamMethod):
     """Adapt toward pseudo-label distributions refined by neighbouring test samples."""
 

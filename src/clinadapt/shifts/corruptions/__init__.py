@@ -1,27 +1,13 @@
-"""Acquisition artefacts per modality, five severities each, applied deterministically."""
+"""Acquisition artefacts per modality, five severities each, applied deterministically.
 
-from clinadapt.shifts.corruptions import (  # noqa: F401  (registers the corruptions)
-    ct,
-    dermoscopy,
-    fundus_ultrasound,
-    histology,
-    mri,
-    xray,
-)
-from clinadapt.shifts.corruptions.base import (
-    CORRUPTIONS,
-    SEVERITIES,
-    CorruptedSource,
-    Corruption,
-    corrupt,
-    corrupted,
-    corruptions_for,
-    get_corruption,
-    register_corruption,
-)
+Declared in ``corruptions.json`` (help and the modalities each fits); each artefact's module is
+imported the first time it is used.
+"""
 
-__all__ = [
-    "CORRUPTIONS",
+from clinadapt._lazy import lazy_exports
+from clinadapt.shifts.corruptions.registry import CORRUPTIONS
+
+_BASE = (
     "SEVERITIES",
     "CorruptedSource",
     "Corruption",
@@ -30,4 +16,7 @@ __all__ = [
     "corruptions_for",
     "get_corruption",
     "register_corruption",
-]
+)
+__getattr__ = lazy_exports(__name__, {name: "clinadapt.shifts.corruptions.base" for name in _BASE})
+
+__all__ = ["CORRUPTIONS", *_BASE]

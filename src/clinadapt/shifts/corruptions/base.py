@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from clinadapt._registry import Registry
 from clinadapt.data.base import ClinicalDataset, ImageSource
 from clinadapt.errors import ConfigError, DataError, RegistryError
+from clinadapt.shifts.corruptions.registry import CORRUPTIONS
 
 # fn(image in [0, 1] as float64 (H,W) or (H,W,3), level of the severity, rng) -> image
 CorruptionFn = Callable[[np.ndarray, object, np.random.Generator], np.ndarray]
@@ -40,17 +40,29 @@ class Corruption:
         return self.levels[severity - 1]
 
 
-CORRUPTIONS: Registry = Registry("corruption")  # tagged with the modalities each fits
-
-
 def register_corruption(
-    name: str, levels: Sequence, modalities: Sequence[str], colour: bool = False
+    name: str,
+    levels: Sequence,
+    colour: bool = False,
+    modalities: Sequence[str] | None = None,
 ) -> Callable[[CorruptionFn], CorruptionFn]:
-    """Register a corruption function under ``name`` (refuses duplicates)."""
+    """Register a corruption function under ``name`` (refuses duplicates).
+
+    A corruption declared in ``corruptions.json`` takes its modalities and help from there; one
+    registered only in code (a user's own) gives ``modalities`` and its docstring is the help.
+    """
     if len(levels) != len(SEVERITIES):
         raise ValueError(f"corruption {name!r} needs {len(SEVERITIES)} levels, got {len(levels)}")
 
     def add(fn: CorruptionFn) -> CorruptionFn:
+        if name in CORRUPTIONS:  # declared
+            entry = CORRUPTIONS.entry(name)
+            CORRUPTIONS.register(
+                name, Corruption(name, fn, tuple(levels), entry.tags, colour, entry.help)
+            )
+            return fn
+        if not modalities:
+            raise ValueError(f"corruption {name!r} is not declared; give its modalities")
         doc = (fn.__doc__ or "").strip().splitlines()
         help = doc[0] if doc else ""
         c = Corruption(name, fn, tuple(levels), tuple(modalities), colour, help)

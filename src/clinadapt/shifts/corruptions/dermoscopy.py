@@ -11,7 +11,7 @@ HAIR_COUNTS = (2, 4, 7, 10, 14)
 HAIR_COLOUR = np.array([0.16, 0.1, 0.06])  # dark brown
 
 
-@register_corruption("lighting", (0.2, 0.35, 0.5, 0.65, 0.8), ("dermoscopy",), colour=True)
+@register_corruption("lighting", (0.2, 0.35, 0.5, 0.65, 0.8), colour=True)
 def lighting(img: np.ndarray, a: float, rng: np.random.Generator) -> np.ndarray:
     """Light falling off across the field from a tilted or one-sided illuminator."""
     x, y = grid(img)
@@ -20,7 +20,7 @@ def lighting(img: np.ndarray, a: float, rng: np.random.Generator) -> np.ndarray:
     return img * spatial(1.0 + a * ramp, img)
 
 
-@register_corruption("colour-cast", (0.08, 0.16, 0.25, 0.35, 0.5), ("dermoscopy",), colour=True)
+@register_corruption("colour-cast", (0.08, 0.16, 0.25, 0.35, 0.5), colour=True)
 def colour_cast(img: np.ndarray, a: float, rng: np.random.Generator) -> np.ndarray:
     """A white-balance error: each channel scaled along one random colour direction."""
     v = rng.normal(0.0, 1.0, 3)
@@ -29,7 +29,7 @@ def colour_cast(img: np.ndarray, a: float, rng: np.random.Generator) -> np.ndarr
     return img * (1.0 + a * v)
 
 
-@register_corruption("hair", HAIR_COUNTS, ("dermoscopy",), colour=True)
+@register_corruption("hair", HAIR_COUNTS, colour=True)
 def hair(img: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     """Dark, thin, curved hairs across the lesion; higher severities add hairs."""
     h, w = img.shape[:2]

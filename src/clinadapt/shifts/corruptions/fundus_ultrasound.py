@@ -9,13 +9,13 @@ from clinadapt.shifts.corruptions.base import register_corruption
 
 
 # Levels of ImageNet-C's speckle noise (Hendrycks & Dietterich, ICLR 2019).
-@register_corruption("speckle", (0.15, 0.2, 0.35, 0.45, 0.6), ("ultrasound", "oct"))
+@register_corruption("speckle", (0.15, 0.2, 0.35, 0.45, 0.6))
 def speckle(img: np.ndarray, c: float, rng: np.random.Generator) -> np.ndarray:
     """Multiplicative speckle from coherent interference of the echoes."""
     return img * (1.0 + rng.normal(0.0, 1.0, img.shape) * c)
 
 
-@register_corruption("vignetting", (0.25, 0.4, 0.55, 0.7, 0.85), ("fundus", "ultrasound"))
+@register_corruption("vignetting", (0.25, 0.4, 0.55, 0.7, 0.85))
 def vignetting(img: np.ndarray, a: float, rng: np.random.Generator) -> np.ndarray:
     """Dark periphery from a small pupil or misaligned camera (or probe contact loss)."""
     x, y = grid(img)

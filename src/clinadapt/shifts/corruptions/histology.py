@@ -32,7 +32,7 @@ def hed_to_rgb(hed: np.ndarray) -> np.ndarray:
     return np.exp(-(hed @ RGB_FROM_HED))
 
 
-@register_corruption("stain", (0.1, 0.18, 0.26, 0.35, 0.45), ("histology",), colour=True)
+@register_corruption("stain", (0.1, 0.18, 0.26, 0.35, 0.45), colour=True)
 def stain(img: np.ndarray, a: float, rng: np.random.Generator) -> np.ndarray:
     """Stain variation: each stain's amount scaled and shifted (a different lab or batch).
 
@@ -45,7 +45,7 @@ def stain(img: np.ndarray, a: float, rng: np.random.Generator) -> np.ndarray:
     return hed_to_rgb(hed * (1.0 + a * scale) + a * 0.5 * shift)
 
 
-@register_corruption("bubbles", BUBBLE_COUNTS, ("histology",), colour=True)
+@register_corruption("bubbles", BUBBLE_COUNTS, colour=True)
 def bubbles(img: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     """Air bubbles under the coverslip: pale discs with a dark refractive rim."""
     x, y = grid(img)

@@ -112,12 +112,7 @@ def candidate_weights(maps: Sequence[ProbMap], weighting: str, temperature: floa
     return torch.softmax(scores / temperature, dim=0)
 
 
-@METHODS.register(
-    "intent",
-    help="segmentation: BatchNorm statistics source->test image, predictions integrated by "
-    "entropy weights (InTEnt, CVPR-W 2024)",
-    tags=("segmentation",),
-)
+@METHODS.register("intent")
 class InTEnt(SegTTAMethod):
     """Integrate predictions under interpolated normalisation statistics, per image."""
 

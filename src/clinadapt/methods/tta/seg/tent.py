@@ -65,11 +65,7 @@ class SegTentAdapter(SegAdapter):
         )
 
 
-@METHODS.register(
-    "seg-tent",
-    help="segmentation: entropy minimisation of mask probabilities (Tent; norm or lora)",
-    tags=("segmentation",),
-)
+@METHODS.register("seg-tent")
 class SegTent(SegTTAMethod):
     """Adapt a segmentation model by minimising the entropy of its masks along the stream."""
 

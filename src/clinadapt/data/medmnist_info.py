@@ -1,0 +1,80 @@
+"""The facts about each MedMNIST 2D dataset, read from ``medmnist.json`` (no heavy imports).
+
+The table follows the MedMNIST package's ``INFO`` (version 3.0.2): label maps, tasks, channel
+counts, the MD5 of every official file, and the Zenodo record they come from.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from clinadapt.errors import DataError
+
+Task = Literal["binary", "multiclass", "multilabel"]
+_TABLE = json.loads(Path(__file__).with_name("medmnist.json").read_text())
+ZENODO_RECORD: str = _TABLE["zenodo_record"]
+SIZES: tuple[int, ...] = tuple(_TABLE["sizes"])
+FLAGS_3D: tuple[str, ...] = tuple(_TABLE["flags_3d"])
+
+
+@dataclass(frozen=True)
+class MedMNISTInfo:
+    """What one MedMNIST 2D dataset holds: modality, task, channels, classes, checksums."""
+
+    flag: str
+    modality: str
+    what: str
+    task: Task
+    n_channels: int
+    class_names: tuple[str, ...]
+    md5: dict[int, str]  # size -> MD5 of the official file
+    note: str = ""
+    domains: dict[str, str] | None = None  # split -> domain, where the splits differ in origin
+
+    def file_name(self, size: int = 28) -> str:
+        return f"{self.flag}.npz" if size == 28 else f"{self.flag}_{size}.npz"
+
+    def url(self, size: int = 28) -> str:
+        return f"{ZENODO_RECORD}/{self.file_name(size)}?download=1"
+
+    @property
+    def help(self) -> str:
+        """The one-line description the dataset listing shows."""
+        k = len(self.class_names)
+        task = {"multiclass": "multi-class", "binary": "binary", "multilabel": "multi-label"}
+        kind = task[self.task]
+        if self.flag == "retinamnist":
+            kind = "ordinal grades read as multi-class"
+        return f"MedMNIST {self.modality}: {self.what}; {k} classes, {kind}"
+
+
+INFO: dict[str, MedMNISTInfo] = {
+    flag: MedMNISTInfo(
+        flag=flag,
+        modality=item["modality"],
+        what=item["what"],
+        task=item["task"],
+        n_channels=int(item["n_channels"]),
+        class_names=tuple(item["class_names"]),
+        md5={int(size): md5 for size, md5 in item["md5"].items()},
+        note=item.get("note", ""),
+        domains=item.get("domains"),
+    )
+    for flag, item in _TABLE["flags"].items()
+}
+FLAGS: tuple[str, ...] = tuple(INFO)
+
+
+def medmnist_info(flag: str) -> MedMNISTInfo:
+    """The facts about one MedMNIST 2D flag; DataError for an unknown one."""
+    if flag in INFO:
+        return INFO[flag]
+    if flag in FLAGS_3D:
+        raise DataError(
+            f"MedMNIST flag {flag!r} is a 3D dataset; only the 2D ones are supported: "
+            f"{', '.join(FLAGS)}"
+        )
+    raise DataError(f"unknown MedMNIST flag {flag!r}; known 2D flags: {', '.join(FLAGS)}")
