@@ -39,6 +39,10 @@ def _registry(kind: str) -> Any:
         from clinadapt.shifts.corruptions.registry import CORRUPTIONS
 
         return CORRUPTIONS
+    if kind == "segmenters":
+        from clinadapt.segmentation.specs import SEGMENTERS
+
+        return SEGMENTERS
     raise ValueError(f"unknown catalog {kind!r}; one of {KINDS}")
 
 
