@@ -106,7 +106,7 @@ def test_mask_probs_match_predict_and_empty_references_ask_nothing(data):
     via_call = seg(images[:1], prompts[:1])[0].probs
     torch.testing.assert_close(via_call, maps[0].probs)
     labels = predict_dataset(seg, sub, prompts)
-    assert len(labels) == len(sub) and labels[0].shape == (64, 64)
+    assert len(labels) == len(sub) and labels[0].shape == (2, 64, 64)
 
 
 def test_probmap_label_maps_and_entropy():
@@ -117,6 +117,12 @@ def test_probmap_label_maps_and_entropy():
     torch.testing.assert_close(m.entropy(), want, atol=1e-5, rtol=1e-5)
     s = ProbMap(torch.tensor([[[0.9, 0.4]], [[0.6, 0.3]]]), False, np.array([4, 7]))
     np.testing.assert_array_equal(s.label_map(), [[4, 0]])
+    # class masks keep what each prompt gave: overlaps stay, a softmax is one-hot
+    two = ProbMap(
+        torch.tensor([[[0.9, 0.4]], [[0.6, 0.7]], [[0.2, 0.8]]]), False, np.array([1, 2, 1])
+    )
+    np.testing.assert_array_equal(two.class_masks(2), [[[True, True]], [[True, True]]])
+    np.testing.assert_array_equal(m.class_masks(2), [[[False, False]], [[False, True]]])
     assert entropy_loss([ProbMap(torch.zeros(0, 1, 2), False, np.zeros(0))]) is None
 
 
@@ -135,7 +141,7 @@ def test_seg_tent_with_a_tiny_step_is_the_source_in_the_sets_own_order(data):
             method, seg, {"a": sub}, {"a": prompts}, opts, _quiet_ctx(), protocol, "size-sorted"
         )
         want = predict_dataset(seg, sub, prompts)
-        for got, ref in zip(res.label_maps["a"], want, strict=True):
+        for got, ref in zip(res.masks["a"], want, strict=True):
             np.testing.assert_array_equal(got, ref)
         assert res.info["protocol"] == protocol and res.info["stream_sizes"] == {"a": 10}
     for k, v in seg.state_dict().items():  # the source model is never changed
@@ -172,7 +178,7 @@ def test_seg_tent_resets_a_diverging_stream_and_counts_it(data):
     res = run_seg_tta(method, seg, {"a": sub}, {"a": prompts}, opts, ctx)
     assert res.info["resets"] >= 1 and res.info["resets_per_set"]["a"] == res.info["resets"]
     assert "non-finite" in res.info["reset_events"][0]["reason"]
-    assert all(np.isin(m, [0, 1, 2]).all() for m in res.label_maps["a"])
+    assert all(m.shape == (2, 64, 64) and m.dtype == bool for m in res.masks["a"])
 
 
 def test_collapse_guard_fires_on_confident_degenerate_masks_only():
@@ -253,7 +259,7 @@ def test_intent_integrates_source_and_test_statistics(data):
     method = METHODS.get("intent")()
     ctx = _quiet_ctx(batch_size=1)
     got = method.adapt_masks(model, target, prompts, method.parse_options({}), ctx)
-    assert len(got) == 4 and got[0].shape == (64, 64)
+    assert len(got) == 4 and got[0].shape == (2, 64, 64)
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, before[k])
     # by hand for image 0: the six candidates and their weights
@@ -276,7 +282,8 @@ def test_intent_integrates_source_and_test_statistics(data):
             cands.append(m.eval().mask_probs([image], [Prompts()])[0])
     w = candidate_weights(cands, "balanced", 1.0)
     probs = sum(wi * c.probs for wi, c in zip(w, cands, strict=True))
-    np.testing.assert_array_equal(got[0], ProbMap(probs, True, cands[0].class_ids).label_map())
+    want = ProbMap(probs, True, cands[0].class_ids).class_masks(2)
+    np.testing.assert_array_equal(got[0], want)
     assert not torch.allclose(cands[0].probs, cands[-1].probs)  # the statistics matter
 
 
@@ -287,3 +294,34 @@ def test_intent_refuses_layernorm_models(data):
         method.adapt_masks(
             load_segmenter("tiny-sam"), sub, prompts, method.parse_options({}), _quiet_ctx()
         )
+
+
+def test_a_test_time_method_that_changes_nothing_scores_exactly_as_its_source(tmp_path):
+    """The comparison holds everything else fixed: same prompts, same mask form, same metrics."""
+    from clinadapt.config import load_config
+    from clinadapt.runner import run_experiment
+
+    small = {
+        "model": "tiny-sam",
+        "shift": "domain",
+        "shift_options": {"source": "site-a", "target_split": "test"},
+        "data_options": {"patients_per_site": 6},
+        "evaluation": {"n_boot": 5},
+        "batch_size": 4,
+        "out_dir": str(tmp_path),
+    }
+    source = run_experiment(load_config(None, method="seg-zeroshot", **small))
+    tta = run_experiment(
+        load_config(
+            None,
+            method="seg-tent",
+            method_options={"lr": 1e-12},
+            source={"method": "seg-zeroshot"},
+            stream_order="size-sorted",
+            **small,
+        )
+    )
+    assert tta["metrics"].keys() == source["metrics"].keys()
+    for name, values in source["metrics"].items():
+        for key in ("dice", "iou", "nsd"):
+            assert tta["metrics"][name][key] == pytest.approx(values[key], abs=1e-9), (name, key)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from clinadapt.errors import DataError, IncompatibleError
-from clinadapt.segmentation.predict import MaskModel, ProbMap
+from clinadapt.segmentation.predict import MaskModel, ProbMap, union_by_class
 from clinadapt.segmentation.preprocess import (
     Frame,
     SegPreprocessing,
@@ -80,6 +80,10 @@ class SegmentationOutput:
     def logits(self) -> torch.Tensor:
         """Logits at the image's resolution (the inverse sigmoid of ``probs``)."""
         return torch.logit(self.probs, eps=1e-6)
+
+    def class_masks(self, num_classes: int) -> np.ndarray:
+        """(C, H, W) booleans: per class, the union of its prompts' masks (overlaps kept)."""
+        return union_by_class(self.masks.cpu().numpy(), self.class_ids, num_classes)
 
     def label_map(self) -> np.ndarray:
         """(H, W) labels: each pixel takes the class of its most probable mask, 0 if none."""

@@ -22,6 +22,19 @@ from clinadapt.segmentation.prompts import Prompts
 LN2 = math.log(2.0)
 
 
+def union_by_class(masks: np.ndarray, class_ids: np.ndarray, num_classes: int) -> np.ndarray:
+    """(C, H, W) booleans: per class 1..C, the union of the masks that stand for it.
+
+    Masks of different classes may overlap (each prompt gets its own mask); the metrics take
+    this form, so a prompted prediction is scored as the segmenter gave it.
+    """
+    out = np.zeros((num_classes, *masks.shape[1:]), dtype=bool)
+    for m, c in zip(masks, np.asarray(class_ids), strict=True):
+        if 1 <= c <= num_classes:
+            out[c - 1] |= m
+    return out
+
+
 @dataclass
 class ProbMap:
     """Per-pixel probabilities of one image at its resolution.
@@ -47,6 +60,14 @@ class ProbMap:
             return ids[best]
         fg = (p > self.threshold).any(0).numpy()
         return np.where(fg, ids[best], 0).astype(np.int64)
+
+    def class_masks(self, num_classes: int) -> np.ndarray:
+        """(C, H, W) booleans: one-hot labels of a softmax; else each class's maps > 0.5, united."""
+        if self.exclusive:
+            labels = self.label_map()
+            return np.stack([labels == c for c in range(1, num_classes + 1)])
+        masks = (self.probs.detach().float().cpu() > self.threshold).numpy()
+        return union_by_class(masks, self.class_ids, num_classes)
 
     def entropy(self) -> torch.Tensor:
         """Per-pixel entropy in nats: (H, W) of the softmax, or (K, H, W) of each sigmoid map."""
@@ -83,7 +104,8 @@ def predict_dataset(
     prompts: Sequence[Prompts],
     batch_size: int = 8,
 ) -> list[np.ndarray]:
-    """Label maps of every image of ``dataset`` (a SegmentationDataset view), in its order."""
+    """(C, H, W) class masks of every image of ``dataset`` (a SegmentationDataset view), in
+    its order (see :meth:`ProbMap.class_masks`)."""
     if len(prompts) != len(dataset):
         raise DataError(f"{len(prompts)} prompts for {len(dataset)} images of {dataset.name}")
     was_training = getattr(model, "training", False)
@@ -93,7 +115,7 @@ def predict_dataset(
     for start in range(0, len(dataset), batch_size):
         idx = range(start, min(start + batch_size, len(dataset)))
         maps = model.mask_probs([dataset.image(i) for i in idx], [prompts[i] for i in idx])
-        out.extend(m.label_map() for m in maps)
+        out.extend(m.class_masks(dataset.num_classes) for m in maps)
     if was_training and isinstance(model, torch.nn.Module):
         model.train()
     return out

@@ -289,7 +289,7 @@ class SegmentationTask(Task):
                 [one_hot(m, split.tests[name].num_classes) for m in maps],
                 [None if p.is_empty else p for p in prompts[name]],
             )
-            for name, maps in result.label_maps.items()
+            for name, maps in result.masks.items()
         }
         timings["evaluate_s"] = time.perf_counter() - t
         parts: dict[str, Any] = {

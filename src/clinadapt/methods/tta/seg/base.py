@@ -2,7 +2,9 @@
 
 A segmentation test-time method adapts a mask model (a promptable segmenter, or any
 :class:`~clinadapt.segmentation.predict.MaskModel`) along an unlabelled stream of images with
-their prompts, and returns a label map per image in stream order. The prompts are the run's
+their prompts, and returns each image's (C, H, W) class masks in stream order, in the form the
+non-adaptive prediction takes (``ProbMap.class_masks``), so that a method that changes nothing
+scores exactly as the source model. The prompts are the run's
 (derived from each reference the same way for every method), never the reference masks.
 """
 
@@ -47,7 +49,7 @@ class SegTTAMethod(TTAMethod):
         options: Options,
         ctx: Context,
     ) -> list[np.ndarray]:
-        """Label maps of ``stream`` (a SegmentationDataset) in its order, adapting as it goes.
+        """(C, H, W) class masks of ``stream`` (a SegmentationDataset) in its order, adapting.
 
         ``model`` is the source model and stays unchanged (methods adapt a private copy).
         """
@@ -156,7 +158,7 @@ def run_seg_stream(
             record_reset(ctx, method, stream.name, start, reason)
             if any(not bool(torch.isfinite(m.probs).all()) for m in maps):
                 maps = adapter.predict(images, batch_prompts)
-        out.extend(m.label_map() for m in maps)
+        out.extend(m.class_masks(stream.num_classes) for m in maps)
     return out
 
 

@@ -152,7 +152,9 @@ class InTEnt(SegTTAMethod):
             weights = candidate_weights(candidates, options.weighting, options.temperature)
             probs = sum(w * c.probs.float() for w, c in zip(weights, candidates, strict=True))
             first = candidates[0]
-            out.append(ProbMap(probs, first.exclusive, first.class_ids).label_map())
+            out.append(
+                ProbMap(probs, first.exclusive, first.class_ids).class_masks(stream.num_classes)
+            )
         for m, (sm, sv) in zip(layers, source, strict=True):  # the copy ends as the source
             m.running_mean.copy_(sm)
             m.running_var.copy_(sv)

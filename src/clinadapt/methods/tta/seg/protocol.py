@@ -4,9 +4,9 @@
 every batch) and ``continual`` (one stream through all test sets, never reset) mean what they mean
 for classification (methods/tta/protocol.py), with ``ctx.batch_size`` images per step (1 gives
 single-image streams). Stream orders: ``random`` (seeded), or ``size-sorted`` (ascending total
-reference area, so empty images come first: a drift in what the stream holds). The label maps
-come back in each test set's own order, whatever the stream order, so they line up with the
-references for evaluation.
+reference area, so empty images come first: a drift in what the stream holds). The (C, H, W)
+class masks come back in each test set's own order, whatever the stream order, so they line up
+with the references for evaluation.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ SEG_ORDERS: tuple[str, ...] = ("random", "size-sorted")
 
 @dataclass
 class SegTTAResult:
-    """Label maps per test set (in the set's order) and what happened on the way."""
+    """(C, H, W) class masks per test set (in the set's order) and what happened on the way."""
 
-    label_maps: dict[str, list[np.ndarray]]
+    masks: dict[str, list[np.ndarray]]
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -101,12 +101,12 @@ def run_seg_tta(
                         ctx,
                     )
             resets[n] = len(events) - before
-    label_maps: dict[str, list[np.ndarray]] = {}
+    masks: dict[str, list[np.ndarray]] = {}
     for n, maps in in_stream.items():
         back: list[np.ndarray | None] = [None] * len(maps)
         for j, pos in enumerate(positions[n]):
             back[int(pos)] = maps[j]
-        label_maps[n] = back  # type: ignore[assignment]
+        masks[n] = back  # type: ignore[assignment]
     info = {
         "protocol": protocol,
         "stream_order": order,
@@ -116,4 +116,4 @@ def run_seg_tta(
         "reset_events": events[first_event:][:100],
         "stream_sizes": {n: len(s) for n, s in streams.items()},
     }
-    return SegTTAResult(label_maps, info)
+    return SegTTAResult(masks, info)
