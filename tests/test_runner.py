@@ -62,7 +62,8 @@ def test_bn_uses_batch_statistics_blended_with_prior():
     replace_batchnorm(net, prior=0.25)
     x = torch.randn(8, 3, 5, 5) * 3 + 2
     mean = 0.25 * 1.0 + 0.75 * x.mean((0, 2, 3))
-    var = 0.25 * 4.0 + 0.75 * x.var((0, 2, 3), unbiased=False)
+    # the unbiased batch variance, as Schneider et al.'s code blends it
+    var = 0.25 * 4.0 + 0.75 * x.var((0, 2, 3), unbiased=True)
     ref = (x - mean.view(1, -1, 1, 1)) / torch.sqrt(var.view(1, -1, 1, 1) + bn.eps)
     torch.testing.assert_close(net(x), ref)
 

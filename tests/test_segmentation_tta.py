@@ -13,7 +13,12 @@ from torch import nn
 from clinadapt.data import load_dataset
 from clinadapt.errors import ConfigError, IncompatibleError
 from clinadapt.methods import METHODS, Context
-from clinadapt.methods.tta.seg.base import SegCollapseGuard, entropy_loss
+from clinadapt.methods.tta.seg.base import (
+    SegAdapter,
+    SegCollapseGuard,
+    entropy_loss,
+    run_seg_stream,
+)
 from clinadapt.methods.tta.seg.intent import balanced_entropy, candidate_weights
 from clinadapt.methods.tta.seg.protocol import run_seg_tta, stream_positions
 from clinadapt.segmentation import Prompts, load_segmenter
@@ -193,8 +198,34 @@ def test_collapse_guard_fires_on_confident_degenerate_masks_only():
     for _ in range(6):
         assert guard.check([ProbMap(healthy, False, np.array([1]))], 0.1) is None
     assert "non-finite" in guard.check([empty], float("nan"))
-    off = SegCollapseGuard(window=1, enabled=False)
-    assert off.check([empty], 0.1) is None
+
+
+class EmptyMasks(SegAdapter):
+    """Predicts an empty mask for every image with certainty: a collapsed stream."""
+
+    def __init__(self):
+        super().__init__(nn.Linear(1, 1), None)
+        self.resets = 0
+
+    def on_reset(self):
+        self.resets += 1
+
+    def forward_and_adapt(self, images, prompts):
+        empty = [ProbMap(torch.full((1, 8, 8), 1e-4), False, np.array([1])) for _ in images]
+        return empty, torch.tensor(0.1)
+
+
+def test_seg_collapse_is_recorded_by_default_and_reset_only_when_asked(data):
+    _, sub, prompts = data
+    n = len(sub)
+    assert METHODS.get("seg-tent")().parse_options({}).guard == "watch"
+    watch = EmptyMasks()
+    res = run_seg_stream(watch, sub, prompts, _quiet_ctx(), SegCollapseGuard(window=2), "x")
+    assert watch.resets == 0 and len(res.masks) == n
+    assert [e["kind"] for e in res.events] == ["would-reset"] * len(range(0, n, 2))
+    reset = EmptyMasks()
+    res = run_seg_stream(reset, sub, prompts, _quiet_ctx(), SegCollapseGuard(window=2), "x", True)
+    assert reset.resets == len(range(0, n, 2)) and {e["kind"] for e in res.events} == {"reset"}
 
 
 def test_segmentation_methods_refuse_classification_streams():
@@ -258,7 +289,7 @@ def test_intent_integrates_source_and_test_statistics(data):
     prompts = [Prompts()] * len(target)
     method = METHODS.get("intent")()
     ctx = _quiet_ctx(batch_size=1)
-    got = method.adapt_masks(model, target, prompts, method.parse_options({}), ctx)
+    got = method.adapt_masks(model, target, prompts, method.parse_options({}), ctx).masks
     assert len(got) == 4 and got[0].shape == (2, 64, 64)
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, before[k])

@@ -70,7 +70,9 @@ def test_tent_step_is_an_entropy_gradient_step_on_norm_parameters():
     model, x = tiny(), batch()
     expected, ref_loss = hand_sgd(model, lambda m: entropy_ref(m(x)).mean(), lr=0.5)
     _, adapter = build("tent", model, optimizer="sgd", lr=0.5, momentum=0.0)
-    logits, loss = adapter.forward_and_adapt(x)
+    step = adapter.forward_and_adapt(x)
+    logits, loss = step.logits, step.loss
+    assert (step.updates, step.used, step.reliable, step.recovery) == (1, 8, None, None)
     assert_params(adapter, expected)
     assert float(loss) == pytest.approx(float(ref_loss.detach()), rel=1e-5)
     # the prediction comes from the same forward pass as the loss (before the update)
@@ -107,6 +109,35 @@ def test_tent_default_is_adam_1e3_and_its_first_step_is_lr_times_sign():
             step[clear], (-1e-3 * g / (g.abs() + 1e-8))[clear], atol=1e-6, rtol=1e-5
         )
         assert (step.abs() <= 1e-3 + 1e-7).all()
+
+
+def test_tent_sgd_is_nesterov_as_in_the_authors_config():
+    """Two SGD steps with momentum: Nesterov's look-ahead, written out by hand."""
+    model, x1, x2 = tiny(), batch(seed=1), batch(seed=2)
+    lr, mom = 0.1, 0.9
+    method = METHODS.get("tent")()
+    assert method.parse_options({}).nesterov is True
+    assert METHODS.get("eata")().parse_options({}).nesterov is False  # EATA and SAR: plain SGD
+    assert METHODS.get("sar")().parse_options({}).nesterov is False
+    ref = copy.deepcopy(model).train()
+    params = trainable(ref)
+    bufs = {}
+    for x in (x1, x2):
+        grads = torch.autograd.grad(entropy_ref(ref(x)).mean(), list(params.values()))
+        with torch.no_grad():
+            for (n, p), g in zip(params.items(), grads, strict=True):
+                bufs[n] = g.clone() if n not in bufs else mom * bufs[n] + g
+                p -= lr * (g + mom * bufs[n])  # Nesterov: step along g + momentum * buffer
+    expected = {n: p.detach() for n, p in params.items()}
+    _, adapter = build("tent", model, optimizer="sgd", lr=lr, momentum=mom)
+    adapter.forward_and_adapt(x1)
+    adapter.forward_and_adapt(x2)
+    assert_params(adapter, expected, atol=1e-6)
+    _, plain = build("tent", model, optimizer="sgd", lr=lr, momentum=mom, nesterov=False)
+    plain.forward_and_adapt(x1)
+    plain.forward_and_adapt(x2)
+    moved = trainable(plain.model)
+    assert any(not torch.allclose(moved[n], expected[n], atol=1e-6) for n in expected)
 
 
 def test_tent_acts_on_any_target_and_refuses_an_empty_one():
@@ -204,11 +235,25 @@ def test_eata_fisher_and_update_by_hand():
         return (ent[keep] * torch.exp(-(ent[keep].detach() - e0))).mean()
 
     expected, _ = hand_sgd(model, loss_fn, lr=0.2)
-    adapter.forward_and_adapt(x)
+    step = adapter.forward_and_adapt(x)
     assert_params(adapter, expected, atol=1e-6)
     assert adapter.average is not None
+    assert (step.used, step.reliable, step.updates) == (6, 6, 1)
     with pytest.raises(ConfigError, match="Fisher"):
         METHODS.get("eata")().prepare(model, None, opts, ctx)
+
+
+def test_eata_counts_its_filtered_samples_by_hand():
+    """The published margin 0.4 ln K on an uncertain model: few samples pass, none may update."""
+    model, x = tiny(), batch(16)
+    _, adapter = build("eata", model, fisher_alpha=0.0)
+    with torch.no_grad():
+        ent = entropy_ref(copy.deepcopy(model).train()(x))
+    reliable = int((ent < 0.4 * math.log(K)).sum())
+    step = adapter.forward_and_adapt(x)
+    assert step.reliable == reliable
+    assert step.used == reliable  # no moving average yet: the redundancy filter passes all
+    assert step.updates == int(reliable > 0)
 
 
 # --- sar --------------------------------------------------------------------------------------
@@ -234,18 +279,76 @@ def test_sar_is_a_two_step_sam_update_on_reliable_samples():
     assert adapter.ema == pytest.approx(float(ent2.mean().detach()), rel=1e-5)
 
 
-def test_sar_recovery_resets_and_is_counted():
+def test_sar_recovery_resets_and_is_counted_apart_from_resets():
     model = tiny()
     stream = make_clinical_shift(seed=0, patients_per_site=5).subset(range(24))
     method = METHODS.get("sar")()
     # a reset constant above any entropy: every update triggers the recovery
-    opts = method.parse_options({"e_margin": 1.0, "reset_constant": 100.0, "guard": False})
-    ctx = Context(batch_size=8)
-    probs = method.adapt(model, stream, opts, ctx)
-    assert probs.shape == (24, K)
-    events = ctx.history["tta_resets"]
-    assert len(events) == 3 and all("sar recovery" in e["reason"] for e in events)
-    assert [e["position"] for e in events] == [0, 8, 16]
+    opts = method.parse_options({"e_margin": 1.0, "reset_constant": 100.0})
+    res = method.adapt(model, stream, opts, Context(batch_size=8))
+    assert res.probs.shape == (24, K)
+    assert [e["kind"] for e in res.events] == ["recovery"] * 3
+    assert all("sar recovery" in e["reason"] for e in res.events)
+    assert [e["position"] for e in res.events] == [0, 8, 16]
+    assert [r["recovery"] for r in res.trace] == [1, 1, 1]
+    assert [r["reset"] for r in res.trace] == [0, 0, 0]  # the collapse guard did nothing
+
+
+def test_sar_moving_average_survives_a_recovery_as_in_the_authors_code():
+    model, x = tiny(), batch()
+    _, adapter = build("sar", model, lr=0.5, momentum=0.0, e_margin=1.0, reset_constant=100.0)
+    source = {n: p.detach().clone() for n, p in trainable(adapter.model).items()}
+    step = adapter.forward_and_adapt(x)
+    assert step.recovery and "< 100.000" in step.recovery
+    assert_params(adapter, source, atol=0)  # the recovery restored the source model
+    assert adapter.ema is not None and adapter.ema < 100  # ... but kept its moving average
+    _, clear = build(
+        "sar", model, lr=0.5, momentum=0.0, e_margin=1.0, reset_constant=100.0,
+        ema_after_reset="clear",
+    )  # fmt: skip
+    clear.forward_and_adapt(x)
+    assert clear.ema is None
+
+
+def test_sar_steps_without_reliable_samples_as_in_the_authors_code():
+    """With nothing reliable the gradient is zero, but SGD's momentum still moves the weights."""
+    model, x = tiny(), batch()
+    lr, mom = 0.5, 0.9
+    _, adapter = build("sar", model, lr=lr, momentum=mom, e_margin=1.0, rho=0.0)
+    _, skip = build(
+        "sar", model, lr=lr, momentum=mom, e_margin=1.0, rho=0.0, step_without_reliable=False
+    )
+    start = {n: p.detach().clone() for n, p in trainable(adapter.model).items()}
+    first = adapter.forward_and_adapt(x)
+    skip.forward_and_adapt(x)
+    after_one = {n: p.detach().clone() for n, p in trainable(adapter.model).items()}
+    # SGD's first step: buffer = g, w1 = w0 - lr g; a second step with g = 0: w2 = w1 - lr mom g
+    g = {n: (start[n] - after_one[n]) / lr for n in start}
+    adapter.margin = skip.margin = 0.0  # no sample can be reliable now
+    second = adapter.forward_and_adapt(x)
+    assert (first.used, first.reliable, first.updates) == (8, 8, 1)
+    assert (second.used, second.reliable, second.updates) == (0, 0, 1)
+    assert_params(adapter, {n: after_one[n] - lr * mom * g[n] for n in g}, atol=1e-6)
+    assert skip.forward_and_adapt(x).updates == 0
+    assert_params(skip, after_one, atol=1e-6)
+
+
+def test_sar_reset_threshold_scaled_with_log_k():
+    from clinadapt.methods.tta.sar import reset_threshold
+
+    sar = METHODS.get("sar")()
+    published = sar.parse_options({})
+    scaled = sar.parse_options({"reset_rule": "log_k"})
+    assert (published.reset_rule, published.reset_constant) == ("fixed", 0.2)
+    assert reset_threshold(published, 2) == 0.2
+    # the published 0.2 at K = 1000 is 0.2 / (0.4 ln 1000) = 7.2% of the margin; log_k keeps that
+    assert reset_threshold(scaled, 2) == pytest.approx(0.2 * math.log(2) / math.log(1000))
+    assert reset_threshold(scaled, 1000) == pytest.approx(0.2)
+    assert reset_threshold(scaled, 2) / (0.4 * math.log(2)) == pytest.approx(
+        0.2 / (0.4 * math.log(1000))
+    )
+    _, adapter = build("sar", tiny(), reset_rule="log_k")
+    assert adapter.threshold == pytest.approx(0.2 * math.log(K) / math.log(1000))
 
 
 # --- t3a --------------------------------------------------------------------------------------
@@ -255,7 +358,7 @@ def test_t3a_prototypes_by_hand():
     adapter = method.build(
         copy.deepcopy(model).eval(), K, method.parse_options({"filter_k": 2}), Context()
     )
-    logits, _ = adapter.forward_and_adapt(x)
+    logits = adapter.forward_and_adapt(x).logits
     with torch.no_grad():
         model.eval()
         z = model.features(x).numpy().astype(np.float64)
@@ -320,7 +423,9 @@ def test_memo_one_step_per_image_then_reset():
     opts = method.parse_options({"augmentations": 4, "lr": 0.5, "momentum": 0.0})
     adapter = method.build(copy.deepcopy(model), K, opts, Context(batch_size=2, seed=7))
     source = {n: p.detach().clone() for n, p in trainable(adapter.model).items()}
-    logits, _ = adapter.forward_and_adapt(x)
+    step = adapter.forward_and_adapt(x)
+    logits = step.logits
+    assert step.updates == 2  # one step per image
     # after the batch every parameter is back at its source value (episodic per image)
     assert_params(adapter, source, atol=0)
     # by hand for image 1: same views (same generator), one SGD step, predict the image
@@ -413,10 +518,62 @@ def test_tttpp_step_by_hand_and_needs_its_branch():
         return aux + d.pow(2).mean() + c.pow(2).mean()
 
     expected, _ = hand_sgd(model, loss_fn, lr=0.3)
-    logits, _ = adapter.forward_and_adapt(x)
+    logits = adapter.forward_and_adapt(x).logits
     assert_params(adapter, expected, atol=1e-5)
     # TTT++ predicts with the updated model
     torch.testing.assert_close(logits, adapter.model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_bn_blend_uses_the_unbiased_variance_as_schneider_et_al():
+    """Schneider et al.'s code: a momentum-1 BatchNorm's running_var (unbiased) in the blend."""
+    from clinadapt.methods.tta.bn import BatchStatsNorm
+
+    torch.manual_seed(0)
+    src = torch.nn.BatchNorm2d(3).eval()
+    with torch.no_grad():
+        src.running_mean.copy_(torch.tensor([0.5, -1.0, 2.0]))
+        src.running_var.copy_(torch.tensor([2.0, 0.5, 1.5]))
+        src.weight.copy_(torch.tensor([1.5, 0.5, -1.0]))
+        src.bias.copy_(torch.tensor([0.1, 0.2, 0.3]))
+    x = torch.randn(4, 3, 2, 2)
+    stats = torch.nn.BatchNorm2d(3, affine=False, momentum=1.0).train()
+    stats(x)  # its running statistics are now the batch's, variance unbiased
+    for prior in (0.0, 0.3):
+        mean = prior * src.running_mean + (1 - prior) * stats.running_mean
+        var = prior * src.running_var + (1 - prior) * stats.running_var
+        shape = (1, 3, 1, 1)
+        expected = (x - mean.view(shape)) / torch.sqrt(var.view(shape) + src.eps)
+        expected = expected * src.weight.view(shape) + src.bias.view(shape)
+        got = BatchStatsNorm(src, prior, "unbiased")(x)
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    # the default rule: a blend is unbiased, pure batch statistics are train-mode BatchNorm
+    train_mode = torch.nn.functional.batch_norm(x, None, None, src.weight, src.bias, True)
+    torch.testing.assert_close(BatchStatsNorm(src, 0.0)(x), train_mode.detach())
+    torch.testing.assert_close(
+        BatchStatsNorm(src, 0.3)(x), BatchStatsNorm(src, 0.3, "unbiased")(x), atol=0, rtol=0
+    )
+    biased = BatchStatsNorm(src, 0.3, "biased")(x)
+    assert not torch.allclose(biased, BatchStatsNorm(src, 0.3)(x))
+    assert METHODS.get("bn")().parse_options({}).variance == "unbiased"
+
+
+def test_bn_blend_statistics_are_constants_for_the_gradient():
+    """As MEMO and Schneider et al. write them into buffers: no gradient through the blend."""
+    from clinadapt.methods.tta.bn import BatchStatsNorm
+
+    torch.manual_seed(1)
+    src = torch.nn.BatchNorm2d(2).eval()
+    x = torch.randn(3, 2, 4, 4, requires_grad=True)
+    norm = BatchStatsNorm(src, 0.5)
+    mean, var = norm.blend(x, 0.5)
+    (norm(x) ** 2).sum().backward()
+    fixed = x.detach().clone().requires_grad_(True)
+    ref = torch.nn.functional.batch_norm(fixed, mean, var, src.weight, src.bias, False)
+    (ref**2).sum().backward()
+    torch.testing.assert_close(x.grad, fixed.grad)
+    # a single image with 1x1 maps has no unbiased variance: the biased one (0) is used
+    one = torch.randn(1, 2, 1, 1)
+    assert torch.isfinite(BatchStatsNorm(src, 0.0)(one)).all()
 
 
 def test_batch_stats_norm_keeps_timm_fused_activation():

@@ -12,7 +12,7 @@ from clinadapt.config import RunConfig
 from clinadapt.data.synthetic import make_clinical_shift
 from clinadapt.errors import ConfigError, IncompatibleError
 from clinadapt.methods import METHODS, Context
-from clinadapt.methods.tta.guard import CollapseGuard
+from clinadapt.methods.tta.guard import CollapseGuard, non_finite
 from clinadapt.methods.tta.protocol import (
     concat_streams,
     imbalanced_positions,
@@ -119,7 +119,7 @@ def test_continual_carries_state_and_episodic_resets_every_batch(data, model):
     assert cont.info["stream_sizes"] == {"site-b": 20, "site-c": 12}
     epi = run_tta(tent, model, sets, opts, ctx, protocol="episodic")
     stream = order_stream(sets["site-b"], "random", 0)
-    second = tent.adapt(model, stream.subset(range(8, 16)), opts, ctx)
+    second = tent.adapt(model, stream.subset(range(8, 16)), opts, ctx).probs
     np.testing.assert_allclose(epi.probs["site-b"][8:16], second, atol=1e-6)
     # the first batch of a stream is the same under every protocol
     np.testing.assert_allclose(epi.probs["site-b"][:8], per.probs["site-b"][:8], atol=1e-6)
@@ -139,24 +139,34 @@ def test_single_sample_stream_runs_for_batchnorm_methods(data, model):
 
 
 # --- collapse guard ---------------------------------------------------------------------------
-def test_guard_fires_on_a_collapsing_stream_and_not_on_a_healthy_one():
+def test_guard_sees_a_collapsing_stream_and_not_a_healthy_one():
     collapsed = torch.full((16, 4), 1e-6)
     collapsed[:, 2] = 1 - 3e-6
     guard = CollapseGuard(4, window=32)
-    assert guard.check(collapsed) is None  # window not yet full
-    reason = guard.check(collapsed)
+    first = guard.observe(collapsed)
+    assert first.collapse is None  # window not yet full
+    assert first.top_share == 1.0 and first.diversity == 0.0
+    reason = guard.observe(collapsed).collapse
     assert reason and "collapse" in reason
-    # confident but diverse predictions are healthy
+    # confident but diverse predictions are healthy; diversity 1 = every class equally often
     healthy = torch.eye(4).repeat(4, 1) * (1 - 4e-6) + 1e-6
     guard = CollapseGuard(4, window=32)
-    assert all(guard.check(healthy) is None for _ in range(5))
+    readings = [guard.observe(healthy) for _ in range(5)]
+    assert all(r.collapse is None for r in readings)
+    assert readings[-1].diversity == pytest.approx(1.0) and readings[-1].top_share == 0.25
+    # the batch entropy is H / ln K: a uniform prediction has 1
+    uniform = guard.observe(torch.full((3, 4), 0.25))
+    assert uniform.entropy == pytest.approx(1.0)
     # one class, but uncertain: healthy too
     unsure = torch.tensor([[0.4, 0.2, 0.2, 0.2]]).repeat(32, 1)
-    assert CollapseGuard(4, window=32).check(unsure) is None
-    # a non-finite loss fires at once, even with the entropy check off
-    off = CollapseGuard(4, window=32, enabled=False)
-    assert off.check(collapsed) is None and off.check(collapsed) is None
-    assert "non-finite" in off.check(healthy[:2], loss=float("nan"))
+    reading = CollapseGuard(4, window=32).observe(unsure)
+    p = np.array([0.4, 0.2, 0.2, 0.2])
+    assert reading.collapse is None
+    assert reading.entropy == pytest.approx(-(p * np.log(p)).sum() / np.log(4), rel=1e-6)
+    # a non-finite loss or prediction is named whatever the monitor says
+    assert "non-finite loss" in non_finite(healthy[:2], loss=float("nan"))
+    assert "non-finite predictions" in non_finite(torch.full((1, 4), float("nan")))
+    assert non_finite(healthy[:2], loss=0.3) is None
 
 
 def test_collapse_resets_to_source_and_is_counted(data, model):
@@ -166,8 +176,9 @@ def test_collapse_resets_to_source_and_is_counted(data, model):
     opts = tent.parse_options({"optimizer": "sgd", "lr": 1e30, "momentum": 0.0})
     ctx = Context(batch_size=8)
     res = run_tta(tent, model, stream, opts, ctx)
-    assert res.info["resets"] >= 1 and res.info["resets_per_set"]["site-b"] == res.info["resets"]
-    assert all("non-finite" in e["reason"] for e in res.info["reset_events"])
+    assert res.info["resets"] >= 1 and res.info["per_set"]["site-b"]["resets"] == res.info["resets"]
+    assert all("non-finite" in e["reason"] for e in res.info["events"])
+    assert sum(res.info["trace"]["site-b"]["reset"]) == res.info["resets"]
     assert np.isfinite(res.probs["site-b"]).all()
     src = METHODS.get("source")()
     base = run_tta(src, model, stream, src.parse_options({}), Context(batch_size=8))
@@ -196,7 +207,7 @@ def test_runner_records_clinical_metrics_and_resets(tmp_path):
         )
     )
     assert rec["tta"]["protocol"] == "continual" and rec["tta"]["stream_order"] == "class-sorted"
-    assert rec["tta"]["resets"] == sum(rec["tta"]["resets_per_set"].values())
+    assert rec["tta"]["resets"] == sum(s["resets"] for s in rec["tta"]["per_set"].values())
     assert rec["target"]["spec"] == "norm"
     for m in rec["metrics"].values():
         for key in ("accuracy", "balanced_accuracy", "auroc", "ece"):
@@ -285,7 +296,7 @@ def test_tent_adapts_a_lora_target_on_a_vit(tmp_path):
         data_options=SMALL,
         out_dir=str(tmp_path),
         source=QUICK_SOURCE,
-        batch_size=8,  # tent predicts each batch before its update: several batches per set
+        stream_batch_size=8,  # tent predicts each batch before its update: several per set
     )
     src = run_experiment(RunConfig(method="source", **common))
     rec = run_experiment(

@@ -129,7 +129,16 @@ class RunConfig(BaseModel):
     )
     seed: int = Field(0, description="seed of model init, data order and sampling")
     batch_size: int = Field(
-        32, ge=1, description="batch size for training, inference and test streams"
+        32,
+        ge=1,
+        description="batch size of training and inference, the source model's included "
+        "(test-time streams: stream_batch_size)",
+    )
+    stream_batch_size: int = Field(
+        32,
+        ge=1,
+        description="batch size of the test streams of test-time methods (1: single images); "
+        "changing it reuses the trained source model",
     )
     adaptive_temperature: bool = Field(
         False,

@@ -118,7 +118,7 @@ def fit_source(
     model = build_classifier(cfg, split.train.num_classes, split.train.class_names)
     info = apply_target(model, target, cfg.target_options if method_name == cfg.method else None)
     # domain-adaptation methods (dapl) also see the shifted test images, without labels
-    unlabelled = unlabelled_targets(split) if getattr(method, "uses_unlabelled", False) else {}
+    unlabelled = unlabelled_targets(split) if method.uses_unlabelled else {}
     if unlabelled:
         ctx = dataclasses.replace(ctx, unlabelled=unlabelled)
     key = _fit_key(cfg, method_name, target, opts.model_dump(), split.train, unlabelled)
@@ -151,6 +151,7 @@ def classification_outcome(
     labels: dict[str, np.ndarray] = {}
     meta: dict[str, dict[str, np.ndarray]] = {}
     val_pred: tuple[np.ndarray, np.ndarray] | None = None
+    source_probs: dict[str, np.ndarray] = {}
     if isinstance(method, FitMethod):
         target = cfg.target or method.default_target
         model, info, summary = fit_source(cfg, split, cfg.method, target, cfg.method_options, ctx)
@@ -185,7 +186,7 @@ def classification_outcome(
             model,
             split.tests,
             opts,
-            ctx,
+            dataclasses.replace(ctx, batch_size=cfg.stream_batch_size),
             protocol=cfg.tta_protocol,
             order=cfg.stream_order,
             source=split.val if split.val is not None else split.train,
@@ -199,6 +200,8 @@ def classification_outcome(
             stream = order_stream(test, cfg.stream_order, cfg.seed)
             if np.array_equal(stream.labels, labels[name]):
                 meta[name] = stream.metadata
+                if cfg.method != "source":  # the unadapted model on the same stream
+                    source_probs[name] = predict_proba(model, stream, ctx, f"source {name}")
         parts["tta"] = result.info
         parts["source"] = {
             **cfg.source.model_dump(),
@@ -217,7 +220,13 @@ def classification_outcome(
             "kind": method.kind,
             "options": method.parse_options(cfg.method_options).model_dump(),
         },
-        predictions={"probs": probs, "labels": labels, "meta": meta, "val": val_pred},
+        predictions={
+            "probs": probs,
+            "labels": labels,
+            "meta": meta,
+            "val": val_pred,
+            "source_probs": source_probs,
+        },
         parts=parts,
     )
 

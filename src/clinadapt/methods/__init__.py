@@ -11,7 +11,8 @@ __getattr__ = lazy_exports(
     {
         name: "clinadapt.methods.base"
         for name in ("Context", "FitMethod", "Method", "Options", "TTAMethod", "predict_proba")
-    },
+    }
+    | {"StreamResult": "clinadapt.methods.trace"},
 )
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "FitMethod",
     "Method",
     "Options",
+    "StreamResult",
     "TTAMethod",
     "predict_proba",
 ]

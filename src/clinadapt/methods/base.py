@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict
 from clinadapt.classifier import ImageClassifier
 from clinadapt.data.base import ClinicalDataset
 from clinadapt.methods.registry import METHODS  # noqa: F401  (re-exported: modules register through here)
+from clinadapt.methods.trace import StreamResult
 from clinadapt.progress import progress
 from clinadapt.validate import parse_model
 
@@ -25,12 +26,14 @@ class Options(BaseModel):
 
 @dataclass
 class Context:
-    """What a method may use besides its data: batch size, seed, device, where to log."""
+    """What a method may use besides its data: batch size, seed, device, caches.
+
+    For a test-time method ``batch_size`` is the stream's batch size.
+    """
 
     batch_size: int = 64
     seed: int = 0
     device: str = "cpu"
-    history: dict[str, Any] = field(default_factory=dict)
     # unlabelled target sets by name (labels hidden), for methods with ``uses_unlabelled``
     unlabelled: dict[str, ClinicalDataset] = field(default_factory=dict)
     # where frozen-backbone features are cached (None: $CLINADAPT_CACHE, else memory only)
@@ -63,6 +66,9 @@ class FitMethod(Method):
     #: Whether ``fit`` learns from the labels (zero-shot does not): then the training data must
     #: hold at least two classes.
     reads_labels: ClassVar[bool] = True
+    #: True for domain-adaptation methods that also learn from the shifted test images without
+    #: their labels (transductive); the runner then passes them in ``ctx.unlabelled``
+    uses_unlabelled: ClassVar[bool] = False
 
     @abc.abstractmethod
     def fit(
@@ -85,12 +91,28 @@ class TTAMethod(Method):
 
     kind = "tta"
     default_target: ClassVar[str] = "norm"
+    #: the fit method that must train the source (None: any, ``source.method`` decides); TTT++
+    #: needs what its own source training learns
+    source_method: ClassVar[str | None] = None
+
+    def prepare(
+        self,
+        model: ImageClassifier,
+        source: ClinicalDataset | None,
+        options: Options,
+        ctx: Context,
+    ) -> None:
+        """Called once before the streams with labelled source images (the validation split).
+
+        EATA estimates its Fisher information here; most methods need nothing.
+        """
 
     @abc.abstractmethod
     def adapt(
         self, model: ImageClassifier, stream: ClinicalDataset, options: Options, ctx: Context
-    ) -> np.ndarray:
-        """Return (N, K) probabilities for ``stream`` in its own order, adapting as it goes."""
+    ) -> StreamResult:
+        """Adapt along ``stream`` in its own order; return its (N, K) probabilities and what
+        the method did (a per-batch trace, events), never changing ``model`` itself."""
 
 
 @torch.no_grad()

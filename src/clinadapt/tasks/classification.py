@@ -19,7 +19,16 @@ _NOT_CLASSIFICATION = ("nsd_tolerance_mm", "size_edges_mm")
 class ClassificationTask(Task):
     name = "classification"
     summary_metrics = ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "ece")
-    evaluation_parts = ("subgroups", "ci", "selective", "operating_point")
+    # a test-time run also holds, per set, its unadapted source's metrics and the change
+    evaluation_parts = (
+        "subgroups",
+        "ci",
+        "selective",
+        "operating_point",
+        "source_metrics",
+        "vs_source",
+        "degraded",
+    )
     default_model = "tiny-resnet"
     default_data = "clinical-shift"
 
@@ -38,11 +47,12 @@ class ClassificationTask(Task):
     def evaluate(
         self, outcome: Outcome, split: ShiftSplit, cfg: RunConfig
     ) -> dict[str, dict[str, Any]]:
+        from clinadapt.evaluation.compare import against_source
         from clinadapt.evaluation.evaluate import evaluate
 
         p = outcome.predictions
         settings = cfg.evaluation.model_dump(exclude=set(_NOT_CLASSIFICATION))
-        return {
+        evals = {
             name: evaluate(
                 p["labels"][name],
                 p["probs"][name],
@@ -54,6 +64,23 @@ class ClassificationTask(Task):
             )
             for name in p["probs"]
         }
+        if p.get("source_probs"):
+            metrics = {name: e["metrics"] for name, e in evals.items()}
+            compared = against_source(
+                cfg.method,
+                split.train.task,
+                p["labels"],
+                p["probs"],
+                p["source_probs"],
+                metrics,
+                p["meta"],
+                p["val"],
+                settings,
+                cfg.seed,
+            )
+            for name, parts in compared.items():
+                evals[name].update(parts)
+        return evals
 
     def write(self, out_dir: str, record: dict[str, Any], outcome: Outcome) -> None:
         from clinadapt.store import write_run

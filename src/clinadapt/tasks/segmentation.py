@@ -247,6 +247,7 @@ class SegmentationTask(Task):
         timings: dict[str, float],
     ) -> Outcome:
         """A test-time method: train the source (cfg.source), then adapt on each test stream."""
+        import dataclasses
         import time
 
         from clinadapt.methods import METHODS
@@ -280,7 +281,7 @@ class SegmentationTask(Task):
             split.tests,
             prompts,
             opts,
-            ctx,
+            dataclasses.replace(ctx, batch_size=cfg.stream_batch_size),
             protocol=cfg.tta_protocol,
             order=cfg.stream_order,
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import copy
 import logging
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -21,18 +22,23 @@ from clinadapt.classifier import ImageClassifier
 from clinadapt.data.base import ClinicalDataset
 from clinadapt.errors import IncompatibleError
 from clinadapt.methods.base import Context, Options, TTAMethod
+from clinadapt.methods.trace import StreamResult
 from clinadapt.methods.tta.bn import SINGLE_SAMPLE_PRIOR, replace_batchnorm
-from clinadapt.methods.tta.guard import CollapseGuard
+from clinadapt.methods.tta.guard import CollapseGuard, non_finite
 from clinadapt.progress import progress
 
 log = logging.getLogger("clinadapt.tta")
 
 
 class GuardOptions(Options):
-    """Options of the collapse guard, which every streaming test-time method has."""
+    """Options of the collapse monitor, which every streaming test-time method has."""
 
-    guard: bool = Field(True, description="reset to the source model when the stream collapses")
-    guard_window: int = Field(128, ge=1, description="predictions the collapse guard watches")
+    guard: Literal["watch", "reset"] = Field(
+        "watch",
+        description="collapse monitor: watch (record entropy, diversity and would-be resets; "
+        "the method runs as published) or reset (back to the source model on a collapse)",
+    )
+    guard_window: int = Field(128, ge=1, description="predictions the collapse monitor watches")
     guard_entropy: float = Field(
         0.05, ge=0, description="collapse: mean entropy below this fraction of ln K"
     )
@@ -42,11 +48,12 @@ class GuardOptions(Options):
 
 
 class StreamOptions(GuardOptions):
-    """Options every gradient test-time method has (optimiser, BN statistics, guard)."""
+    """Options every gradient test-time method has (optimiser, BN statistics, monitor)."""
 
     optimizer: Literal["adam", "sgd"] = Field("adam", description="optimiser of the update")
     lr: float = Field(1e-3, gt=0, description="learning rate")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (Adam: beta1)")
+    nesterov: bool = Field(False, description="SGD: Nesterov momentum (when momentum > 0)")
     steps: int = Field(1, ge=1, description="update steps per test batch")
     bn_prior: float | None = Field(
         None,
@@ -57,6 +64,23 @@ class StreamOptions(GuardOptions):
     )
 
 
+@dataclass
+class Step:
+    """What one ``forward_and_adapt`` did: the batch's logits and an account of the update.
+
+    ``used``: samples in the loss of the last update (after the method's filters; None: every
+    sample); ``reliable``: samples past its entropy filter (None: it has none); ``updates``:
+    optimiser steps taken; ``recovery``: why the method's own reset rule fired (SAR), if it did.
+    """
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    updates: int = 0
+    used: int | None = None
+    reliable: int | None = None
+    recovery: str | None = None
+
+
 def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
     """Per-sample entropy of the softmax of ``logits``."""
     return -(logits.softmax(1) * logits.log_softmax(1)).sum(1)
@@ -65,9 +89,11 @@ def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
 def configure_model(model: nn.Module, bn_prior: float) -> int:
     """Switch dropout off and make BatchNorm normalise with test-batch statistics (Tent).
 
-    ``bn_prior`` blends in the source statistics (Schneider et al. 2020); returns the number of
-    BatchNorm layers replaced. The affine parameters stay the same tensors, so whatever the
-    target opened stays trainable.
+    With ``bn_prior`` 0 that is train-mode BatchNorm, as Tent, EATA and SAR configure it; a prior
+    above 0 (or a single-image batch) blends in the source statistics with the unbiased batch
+    variance, as Schneider et al. and MEMO do (see ``bn.py``). Returns the number of BatchNorm
+    layers replaced. The affine parameters stay the same tensors, so whatever the target opened
+    stays trainable.
     """
     model.eval()
     return replace_batchnorm(model, bn_prior)
@@ -91,7 +117,13 @@ def check_model(model: nn.Module, params: list[nn.Parameter], method: str) -> No
 def make_optimizer(params: list[nn.Parameter], options: StreamOptions) -> torch.optim.Optimizer:
     """The optimiser the options name, over ``params``."""
     if options.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=options.lr, momentum=options.momentum)
+        return torch.optim.SGD(
+            params,
+            lr=options.lr,
+            momentum=options.momentum,
+            nesterov=options.nesterov
+            and options.momentum > 0,  # no momentum, nothing to look ahead
+        )
     return torch.optim.Adam(params, lr=options.lr, betas=(options.momentum, 0.999))
 
 
@@ -108,7 +140,6 @@ class Adapter(abc.ABC):
     def __init__(self, model: ImageClassifier, optimizer: torch.optim.Optimizer | None) -> None:
         self.model = model
         self.optimizer = optimizer
-        self.pending_reset: str | None = None  # set by methods with their own recovery rule
         self._model_state = copy.deepcopy(model.state_dict())
         self._optim_state = copy.deepcopy(optimizer.state_dict()) if optimizer else None
 
@@ -117,15 +148,14 @@ class Adapter(abc.ABC):
         self.model.load_state_dict(self._model_state)
         if self.optimizer is not None and self._optim_state is not None:
             self.optimizer.load_state_dict(copy.deepcopy(self._optim_state))
-        self.pending_reset = None
         self.on_reset()
 
     def on_reset(self) -> None:  # noqa: B027  (an optional hook, not abstract)
         """Clear method state kept outside the model (moving averages, queues, ...)."""
 
     @abc.abstractmethod
-    def forward_and_adapt(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Predict ``x`` while adapting; return (logits, loss or None)."""
+    def forward_and_adapt(self, x: torch.Tensor) -> Step:
+        """Predict ``x`` while adapting; return its logits and what the update did."""
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
@@ -146,7 +176,7 @@ class StreamMethod(TTAMethod):
 
     def adapt(
         self, model: ImageClassifier, stream: ClinicalDataset, options: Any, ctx: Context
-    ) -> np.ndarray:
+    ) -> StreamResult:
         if stream.task == "multilabel":
             raise IncompatibleError(
                 f"{self.name}: test-time adaptation here needs single-label classes "
@@ -159,38 +189,86 @@ class StreamMethod(TTAMethod):
             window=options.guard_window,
             entropy_frac=options.guard_entropy,
             share=options.guard_share,
-            enabled=options.guard,
         )
-        return run_stream(adapter, stream, ctx, guard, self.name)
+        return run_stream(adapter, stream, ctx, guard, options.guard == "reset", self.name)
 
 
 def run_stream(
-    adapter: Adapter, stream: ClinicalDataset, ctx: Context, guard: CollapseGuard, method: str
-) -> np.ndarray:
-    """Adapt along ``stream`` in order; reset (logged, counted) when the guard fires."""
-    out = []
+    adapter: Adapter,
+    stream: ClinicalDataset,
+    ctx: Context,
+    guard: CollapseGuard,
+    reset_on_collapse: bool,
+    method: str,
+) -> StreamResult:
+    """Adapt along ``stream`` in order, keeping a trace of each batch.
+
+    A non-finite output always resets to the source model; a collapse the monitor sees resets
+    only when ``reset_on_collapse`` (``guard=reset``). Resets are logged and counted.
+    """
+    out, trace, events = [], [], []
     start = 0
     total = -(-len(stream) // ctx.batch_size)
     batches = stream.batches(adapter.model.preprocess, ctx.batch_size)
     for x, _, pos in progress(batches, f"{method} {stream.name}", total=total):
         x = x.to(ctx.device)
-        logits, loss = adapter.forward_and_adapt(x)
-        probs = logits.detach().float().softmax(1)
-        reason = guard.check(probs, loss) or adapter.pending_reset
-        if reason:
+        step = adapter.forward_and_adapt(x)
+        probs = step.logits.detach().float().softmax(1)
+        why = non_finite(probs, step.loss)
+        if why:
             adapter.reset()
             guard.clear()
-            record_reset(ctx, method, stream.name, start, reason)
             if not torch.isfinite(probs).all():
                 probs = adapter.predict(x).float().softmax(1)
+        reading = guard.observe(probs)
+        if reading.collapse and reset_on_collapse and not why:
+            why = reading.collapse
+            adapter.reset()
+            guard.clear()
+        if step.recovery:
+            events.append(event(method, stream.name, start, "recovery", step.recovery))
+            log.info(
+                "%s: recovery at image %d of %s: %s", method, start, stream.name, step.recovery
+            )
+        if why:
+            events.append(event(method, stream.name, start, "reset", why))
+            log.warning(
+                "%s: reset to the source model at image %d of %s: %s",
+                method,
+                start,
+                stream.name,
+                why,
+            )
+        elif reading.collapse:
+            events.append(event(method, stream.name, start, "would-reset", reading.collapse))
+        loss = None if step.loss is None else float(step.loss)
+        trace.append(
+            {
+                "position": start,
+                "size": len(pos),
+                "entropy": reading.entropy,
+                "diversity": reading.diversity,
+                "top_share": reading.top_share,
+                "collapse": int(reading.collapse is not None),
+                "used": step.used,
+                "reliable": step.reliable,
+                "updates": step.updates,
+                "loss": loss,
+                "recovery": int(step.recovery is not None),
+                "reset": int(why is not None),
+            }
+        )
         out.append(probs.cpu())
         start += len(pos)
-    return torch.cat(out).numpy().astype(np.float64)
+    return StreamResult(torch.cat(out).numpy().astype(np.float64), trace, events)
 
 
-def record_reset(ctx: Context, method: str, stream: str, position: int, reason: str) -> None:
-    """Log a reset to the source model and keep it in ``ctx.history['tta_resets']``."""
-    event = {"method": method, "stream": stream, "position": int(position), "reason": reason}
-    ctx.history.setdefault("tta_resets", []).append(event)
-    message = f"{method}: reset to the source model at image {position} of {stream}: {reason}"
-    log.warning(message)
+def event(method: str, stream: str, position: int, kind: str, reason: str) -> dict[str, Any]:
+    """One entry of a stream's events: a reset, a method's recovery or a would-be reset."""
+    return {
+        "method": method,
+        "stream": stream,
+        "position": int(position),
+        "kind": kind,
+        "reason": reason,
+    }

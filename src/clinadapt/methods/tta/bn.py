@@ -3,7 +3,15 @@
 Schneider et al., "Improving robustness against common corruptions by covariate shift
 adaptation", NeurIPS 2020: mean = w * source_mean + (1 - w) * batch_mean (likewise the variance),
 where w = N / (N + n) for a prior strength N and batch size n. ``prior=0`` is pure test-batch
-normalisation (as in Tent's BN step); ``prior=1`` is the source model.
+normalisation; ``prior=1`` is the source model.
+
+The batch variance of the blend is the unbiased one, as in the authors' code
+(bethgelab/robustness, ``robusta/batchnorm/bn.py``: ``BayesianBatchNorm`` reads the
+``running_var`` of a momentum-1 BatchNorm, which PyTorch updates with the unbiased variance), and
+the blended statistics are constants for the gradient (they are written into buffers there).
+Train-mode BatchNorm, which Tent uses (DequanWang/tent, ``tent.configure_model``), normalises with
+the biased variance and lets the gradient flow through the batch statistics: that is what a
+pure-batch (prior 0) :class:`BatchStatsNorm` does for the gradient methods.
 
 One image is no estimate of a domain's statistics, so a batch of a single image with ``prior=0``
 falls back to :data:`SINGLE_SAMPLE_PRIOR` (the weight MEMO uses for single test points).
@@ -12,33 +20,52 @@ falls back to :data:`SINGLE_SAMPLE_PRIOR` (the weight MEMO uses for single test 
 from __future__ import annotations
 
 import copy
+from typing import Literal
 
-import numpy as np
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
 from clinadapt.classifier import ImageClassifier
 from clinadapt.data.base import ClinicalDataset
 from clinadapt.errors import IncompatibleError
-from clinadapt.methods.base import METHODS, Context, Options, TTAMethod, logits_to_proba
+from clinadapt.methods.base import (
+    METHODS,
+    Context,
+    Options,
+    StreamResult,
+    TTAMethod,
+    logits_to_proba,
+)
 from clinadapt.progress import progress
 
 #: Weight of the source statistics for a single test image: N / (N + 1) with the prior strength
 #: N = 16 that MEMO (Zhang et al., NeurIPS 2022) uses for single-point BN adaptation.
 SINGLE_SAMPLE_PRIOR = 16 / 17
 
+Variance = Literal["unbiased", "biased"]
+
 
 class BatchStatsNorm(nn.Module):
-    """A BatchNorm that normalises with a blend of its source and the current batch statistics."""
+    """A BatchNorm that normalises with a blend of its source and the current batch statistics.
 
-    def __init__(self, bn: nn.modules.batchnorm._BatchNorm, prior: float) -> None:
+    ``variance`` None follows the published rule of each path: a blend (an effective prior above
+    0) uses the unbiased batch variance as constants (Schneider et al., MEMO); pure batch
+    statistics are train-mode BatchNorm (biased, differentiable; Tent). "unbiased" or "biased"
+    forces that variance on both paths.
+    """
+
+    def __init__(
+        self, bn: nn.modules.batchnorm._BatchNorm, prior: float, variance: Variance | None = None
+    ) -> None:
         super().__init__()
         if bn.running_mean is None:
             raise IncompatibleError(
                 "bn: a BatchNorm layer keeps no running statistics to blend with"
             )
         self.prior = float(prior)
+        self.variance = variance
         self.eps = bn.eps
         self.weight, self.bias = bn.weight, bn.bias
         self.register_buffer("source_mean", bn.running_mean.detach().clone())
@@ -48,32 +75,41 @@ class BatchStatsNorm(nn.Module):
         self.act = getattr(bn, "act", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dims = [0, *list(range(2, x.ndim))]
         prior = self.prior if x.shape[0] > 1 or self.prior > 0 else SINGLE_SAMPLE_PRIOR
-        mean = x.mean(dims)
-        var = x.var(dims, unbiased=False)
-        mean = prior * self.source_mean + (1 - prior) * mean
-        var = prior * self.source_var + (1 - prior) * var
-        shape = [1, -1] + [1] * (x.ndim - 2)
-        y = (x - mean.view(shape)) / torch.sqrt(var.view(shape) + self.eps)
-        if self.weight is not None:
-            y = y * self.weight.view(shape) + self.bias.view(shape)
+        if prior == 0 and self.variance != "unbiased":
+            # one fused kernel: train-mode batch norm without running statistics
+            y = F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        else:
+            y = F.batch_norm(x, *self.blend(x, prior), self.weight, self.bias, False, 0.0, self.eps)
         if self.drop is not None:
             y = self.drop(y)
         if self.act is not None:
             y = self.act(y)
         return y
 
+    @torch.no_grad()
+    def blend(self, x: torch.Tensor, prior: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, var): ``prior`` * source + (1 - prior) * batch, as constants."""
+        dims = [0, *range(2, x.ndim)]
+        count = x.numel() // x.shape[1]
+        # one value per channel has no unbiased variance: use the biased one (0) then
+        correction = 1 if self.variance != "biased" and count > 1 else 0
+        var, mean = torch.var_mean(x, dim=dims, correction=correction)
+        if prior > 0:
+            mean = torch.lerp(mean, self.source_mean.to(mean.dtype), prior)
+            var = torch.lerp(var, self.source_var.to(var.dtype), prior)
+        return mean, var
 
-def replace_batchnorm(model: nn.Module, prior: float) -> int:
+
+def replace_batchnorm(model: nn.Module, prior: float, variance: Variance | None = None) -> int:
     """Swap every BatchNorm layer of ``model`` for a :class:`BatchStatsNorm`; returns how many."""
     count = 0
     for name, child in list(model.named_children()):
         if isinstance(child, nn.modules.batchnorm._BatchNorm):
-            setattr(model, name, BatchStatsNorm(child, prior))
+            setattr(model, name, BatchStatsNorm(child, prior, variance))
             count += 1
         else:
-            count += replace_batchnorm(child, prior)
+            count += replace_batchnorm(child, prior, variance)
     return count
 
 
@@ -84,6 +120,11 @@ class BNOptions(Options):
         le=1.0,
         description="weight of the source statistics (0: test batch only; a single-image "
         "batch then uses 16/17)",
+    )
+    variance: Variance = Field(
+        "unbiased",
+        description="batch variance: unbiased as Schneider et al.'s code, or biased as "
+        "train-mode BatchNorm (Tent's norm baseline)",
     )
 
 
@@ -98,9 +139,9 @@ class BatchNormAdapt(TTAMethod):
 
     def adapt(
         self, model: ImageClassifier, stream: ClinicalDataset, options: BNOptions, ctx: Context
-    ) -> np.ndarray:
+    ) -> StreamResult:
         adapted = copy.deepcopy(model).eval()
-        if replace_batchnorm(adapted, options.prior) == 0:
+        if replace_batchnorm(adapted, options.prior, options.variance) == 0:
             raise IncompatibleError(
                 f"bn needs BatchNorm layers; model {model.encoder.name!r} has none "
                 "(for LayerNorm models use a gradient method such as tent on the 'norm' target)"
@@ -112,4 +153,4 @@ class BatchNormAdapt(TTAMethod):
                 stream.batches(model.preprocess, ctx.batch_size), f"bn {stream.name}", total=total
             ):
                 out.append(logits_to_proba(adapted(x.to(ctx.device)).float(), stream.task).cpu())
-        return torch.cat(out).numpy().astype(np.float64)
+        return StreamResult.of(torch.cat(out))

@@ -26,6 +26,7 @@ from clinadapt.errors import ConfigError
 from clinadapt.methods.base import METHODS, Context
 from clinadapt.methods.tta.adapter import (
     Adapter,
+    Step,
     StreamMethod,
     StreamOptions,
     check_model,
@@ -40,8 +41,12 @@ Fisher = dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> (fisher diagona
 
 
 class EATAOptions(StreamOptions):
-    # Published defaults (EATA repository, ImageNet-C): SGD lr 2.5e-4 momentum 0.9,
-    # e_margin = 0.4 * ln(1000) i.e. 0.4 ln K, d_margin 0.05, fisher_alpha 2000, 2000 images.
+    # Published defaults (EATA repository, ImageNet-C): SGD lr 2.5e-4 momentum 0.9 (not
+    # Nesterov), e_margin = 0.4 * ln(1000) i.e. 0.4 ln K, d_margin 0.05, fisher_alpha 2000,
+    # 2000 images. d_margin was set for K = 1000, where probability vectors of different samples
+    # are nearly orthogonal; with few classes they rarely are (two 2-class probability vectors
+    # have cosine >= 0.71 unless they point to different classes), so few samples pass the
+    # redundancy filter: the record's trace and warnings show how many did.
     optimizer: Literal["adam", "sgd"] = Field("sgd", description="optimiser (paper: SGD)")
     lr: float = Field(2.5e-4, gt=0, description="learning rate (paper: 2.5e-4 for batch 64)")
     e_margin: float = Field(0.4, gt=0, description="reliability filter: entropy < e_margin * ln K")
@@ -114,12 +119,14 @@ class EATAAdapter(Adapter):
             total = total + (fisher * (self.params[name] - source) ** 2).sum()
         return self.alpha * total
 
-    def forward_and_adapt(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward_and_adapt(self, x: torch.Tensor) -> Step:
         loss = None
+        updates = 0
         for _ in range(self.steps):
             logits = self.model(x)
-            _, selected = eata_masks(logits, self.e_margin, self.average, self.d_margin)
-            if not selected.any():
+            reliable, selected = eata_masks(logits, self.e_margin, self.average, self.d_margin)
+            used, n_reliable = int(selected.sum()), int(reliable.sum())
+            if not used:  # the authors' code skips the step when nothing is selected
                 continue
             ent = softmax_entropy(logits[selected])
             probs = logits[selected].detach().softmax(1).mean(0)
@@ -129,8 +136,15 @@ class EATAAdapter(Adapter):
             if torch.isfinite(loss):
                 loss.backward()
                 self.optimizer.step()
+                updates += 1
             self.optimizer.zero_grad(set_to_none=True)
-        return logits, None if loss is None else loss.detach()
+        return Step(
+            logits,
+            None if loss is None else loss.detach(),
+            updates=updates,
+            used=used,
+            reliable=n_reliable,
+        )
 
 
 @METHODS.register("eata")

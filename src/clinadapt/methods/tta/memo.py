@@ -20,6 +20,7 @@ from clinadapt.classifier import ImageClassifier
 from clinadapt.methods.base import METHODS, Context
 from clinadapt.methods.tta.adapter import (
     Adapter,
+    Step,
     StreamMethod,
     StreamOptions,
     check_model,
@@ -62,8 +63,8 @@ class MEMOAdapter(Adapter):
         self.steps = options.steps
         self.generator = torch.Generator().manual_seed(seed)
 
-    def forward_and_adapt(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out, losses = [], []
+    def forward_and_adapt(self, x: torch.Tensor) -> Step:
+        out, losses, updates = [], [], 0
         for image in x:
             views = augment_views(image.cpu(), self.model.preprocess, self.views, self.generator)
             for _ in range(self.steps):
@@ -71,12 +72,13 @@ class MEMOAdapter(Adapter):
                 if torch.isfinite(loss):
                     loss.backward()
                     self.optimizer.step()
+                    updates += 1
                 self.optimizer.zero_grad(set_to_none=True)
                 losses.append(loss.detach())
             with torch.no_grad():
                 out.append(self.model(image.unsqueeze(0)))
             self.reset()
-        return torch.cat(out), torch.stack(losses).mean()
+        return Step(torch.cat(out), torch.stack(losses).mean(), updates=updates, used=len(x))
 
 
 @METHODS.register("memo")

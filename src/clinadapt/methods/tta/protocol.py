@@ -13,13 +13,15 @@ Orders (``RunConfig.stream_order``), i.e. label-prevalence shift inside a stream
 - ``imbalanced``: a long-tailed subsample, class k kept with frequency ratio**(-k/(K-1)) of the
   largest (ratio 10), in random order.
 
-A batch size of 1 gives single-sample streams; BatchNorm methods then blend the source
-statistics in (see ``methods/tta/bn.py``). Any :class:`TTAMethod` works with every protocol: the
-protocol only decides which streams ``adapt`` is called on, and ``adapt`` never changes the model
-it is given. A method may define ``prepare(model, source, options, ctx)``, called once before
-the streams with labelled-source images (the validation split; EATA estimates its Fisher
-information there). Resets (collapse guard, SAR's recovery) are collected from
-``ctx.history['tta_resets']`` and reported per test set.
+The stream's batch size is ``ctx.batch_size`` (``RunConfig.stream_batch_size``); 1 gives
+single-sample streams, and BatchNorm methods then blend the source statistics in (see
+``methods/tta/bn.py``). Any :class:`TTAMethod` works with every protocol: the protocol only
+decides which streams ``adapt`` is called on, and ``adapt`` never changes the model it is given.
+``TTAMethod.prepare`` is called once before the streams with labelled source images (the
+validation split; EATA estimates its Fisher information there). What each method did (a
+per-batch trace of the collapse monitor and of its updates, its resets and recoveries) comes back
+from ``adapt`` and is reported per test set, with a warning when a mechanism fired on most
+batches.
 """
 
 from __future__ import annotations
@@ -28,11 +30,21 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+import torch
 
 from clinadapt.classifier import ImageClassifier
 from clinadapt.data.base import ClinicalDataset
 from clinadapt.errors import ConfigError, IncompatibleError
 from clinadapt.methods.base import Context, Options, TTAMethod
+from clinadapt.methods.trace import (
+    MAX_EVENTS,
+    StreamResult,
+    columns,
+    log,
+    summarise,
+    warnings_for,
+)
+from clinadapt.methods.tta.guard import CollapseGuard
 
 Protocol = Literal["per-shift", "episodic", "continual"]
 StreamOrder = Literal["random", "class-sorted", "imbalanced"]
@@ -103,35 +115,25 @@ def run_tta(
     order: str = "random",
     source: ClinicalDataset | None = None,
 ) -> TTAResult:
-    """Stream every test set through ``method`` under ``protocol``; count resets per set."""
+    """Stream every test set through ``method`` under ``protocol``; account for each set."""
     if protocol not in PROTOCOLS:
         raise ConfigError(f"unknown TTA protocol {protocol!r}; choose one of {PROTOCOLS}")
     streams = {name: order_stream(ds, order, ctx.seed) for name, ds in tests.items()}
-    prepare = getattr(method, "prepare", None)
-    if prepare is not None:
-        prepare(model, source, options, ctx)
-    events: list[dict[str, Any]] = ctx.history.setdefault("tta_resets", [])
-    first_event = len(events)
-    probs: dict[str, np.ndarray] = {}
-    resets = dict.fromkeys(streams, 0)
+    method.prepare(model, source, options, ctx)
+    results: dict[str, StreamResult] = {}
     if protocol == "continual":
         names = list(streams)
         whole = concat_streams([streams[n] for n in names], name="continual")
-        p = method.adapt(model, whole, options, ctx)
+        res = with_monitor(method.adapt(model, whole, options, ctx), whole.num_classes, ctx)
         bounds = np.cumsum([0] + [len(streams[n]) for n in names])
-        for i, n in enumerate(names):
-            probs[n] = p[bounds[i] : bounds[i + 1]]
-        for e in events[first_event:]:
-            n = names[int(np.searchsorted(bounds, e["position"], side="right")) - 1]
-            resets[n] += 1
+        results = dict(zip(names, res.split(bounds), strict=True))
     else:
         for name, stream in streams.items():
-            before = len(events)
             if protocol == "per-shift":
-                probs[name] = method.adapt(model, stream, options, ctx)
+                res = method.adapt(model, stream, options, ctx)
             else:
                 chunks = range(0, len(stream), ctx.batch_size)
-                probs[name] = np.concatenate(
+                res = StreamResult.concat(
                     [
                         method.adapt(
                             model,
@@ -142,17 +144,72 @@ def run_tta(
                         for s in chunks
                     ]
                 )
-            resets[name] = len(events) - before
-    info = {
+            results[name] = with_monitor(res, stream.num_classes, ctx)
+    return TTAResult(
+        {n: r.probs for n, r in results.items()},
+        {n: s.labels for n, s in streams.items()},
+        account(method, options, results, protocol, order, ctx),
+        {n: s.metadata for n, s in streams.items()},
+    )
+
+
+def with_monitor(res: StreamResult, num_classes: int, ctx: Context) -> StreamResult:
+    """``res`` with a trace: a method that keeps none gets the collapse monitor's columns."""
+    if res.trace:
+        return res
+    guard = CollapseGuard(num_classes)
+    for start in range(0, len(res.probs), ctx.batch_size):
+        probs = torch.as_tensor(res.probs[start : start + ctx.batch_size])
+        reading = guard.observe(probs)
+        res.trace.append(
+            {
+                "position": start,
+                "size": len(probs),
+                "entropy": reading.entropy,
+                "diversity": reading.diversity,
+                "top_share": reading.top_share,
+                "collapse": int(reading.collapse is not None),
+                "updates": res.info["updates_per_image"] * len(probs)
+                if "updates_per_image" in res.info
+                else None,
+            }
+        )
+    return res
+
+
+def account(
+    method: TTAMethod,
+    options: Options,
+    results: dict[str, StreamResult],
+    protocol: str,
+    order: str,
+    ctx: Context,
+) -> dict[str, Any]:
+    """The record's ``tta`` part: per-set summaries, totals, events, warnings and traces."""
+    per_set = {n: {**summarise(r.trace), **r.info} for n, r in results.items()}
+    guard = getattr(options, "guard", None)
+    warnings = [
+        w
+        for n, s in per_set.items()
+        for w in warnings_for(method.name, n, s, guarded=guard is not None)
+    ]
+    for w in warnings:
+        log.warning(w)
+    events = [e for r in results.values() for e in r.events]
+    return {
         "protocol": protocol,
         "stream_order": order,
-        "resets": int(sum(resets.values())),
-        "resets_per_set": resets,
-        "reset_events": events[first_event:][:100],
-        "stream_sizes": {n: len(s) for n, s in streams.items()},
+        "stream_batch_size": ctx.batch_size,
+        "guard": guard,
+        "resets": sum(s["resets"] for s in per_set.values()),
+        "recoveries": sum(s["recoveries"] for s in per_set.values()),
+        "would_be_resets": sum(s["would_be_resets"] for s in per_set.values()),
+        "per_set": per_set,
+        "warnings": warnings,
+        "events": events[:MAX_EVENTS],
+        "stream_sizes": {n: len(r.probs) for n, r in results.items()},
+        "trace": {n: columns(r.trace) for n, r in results.items()},
     }
-    labels = {n: s.labels for n, s in streams.items()}
-    return TTAResult(probs, labels, info, {n: s.metadata for n, s in streams.items()})
 
 
 def source_method_for(method: TTAMethod, requested: str, default: str = "finetune") -> str:
@@ -162,7 +219,7 @@ def source_method_for(method: TTAMethod, requested: str, default: str = "finetun
     feature statistics) names its own fit method in ``source_method``; the default
     ``source.method`` (finetune) is then read as that method, and any other choice is an error.
     """
-    required = getattr(method, "source_method", None)
+    required = method.source_method
     if required is None or requested == required:
         return requested
     if requested == default:

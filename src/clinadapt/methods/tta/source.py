@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from clinadapt.classifier import ImageClassifier
 from clinadapt.data.base import ClinicalDataset
-from clinadapt.methods.base import METHODS, Context, Options, TTAMethod, predict_proba
+from clinadapt.methods.base import (
+    METHODS,
+    Context,
+    Options,
+    StreamResult,
+    TTAMethod,
+    predict_proba,
+)
 
 
 @METHODS.register("source")
@@ -19,5 +24,5 @@ class Source(TTAMethod):
 
     def adapt(
         self, model: ImageClassifier, stream: ClinicalDataset, options: Options, ctx: Context
-    ) -> np.ndarray:
-        return predict_proba(model, stream, ctx, desc=f"source {stream.name}")
+    ) -> StreamResult:
+        return StreamResult.of(predict_proba(model, stream, ctx, desc=f"source {stream.name}"))

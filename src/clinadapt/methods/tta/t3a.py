@@ -18,18 +18,34 @@ from torch import nn
 from clinadapt.classifier import ImageClassifier
 from clinadapt.errors import IncompatibleError
 from clinadapt.methods.base import METHODS, Context
-from clinadapt.methods.tta.adapter import Adapter, GuardOptions, StreamMethod, softmax_entropy
+from clinadapt.methods.tta.adapter import (
+    Adapter,
+    GuardOptions,
+    Step,
+    StreamMethod,
+    softmax_entropy,
+)
 
 
 class T3AOptions(GuardOptions):
-    # filter_K = 100 is the default of the T3A repository's hyper-parameters (-1: keep all).
-    filter_k: int = Field(100, ge=-1, description="supports kept per class, M (-1: all)")
+    # The paper fixes no filter_K: the authors sweep [1, 5, 20, 50, 100, -1] and select on
+    # held-out source data (matsuolab/T3A, domainbed/scripts/unsupervised_adaptation.py); 100
+    # here is one of the swept values. Pick M on source validation data for a new dataset.
+    filter_k: int = Field(
+        100, ge=-1, description="supports kept per class, M (-1: all; the authors sweep M)"
+    )
 
 
 def select_supports(
     supports: torch.Tensor, labels: torch.Tensor, entropy: torch.Tensor, m: int
 ) -> torch.Tensor:
-    """Indices of the ``m`` lowest-entropy supports of each class (all when m = -1)."""
+    """Indices of the ``m`` lowest-entropy supports of each class (all when m = -1).
+
+    m = -1 keeps every support, as the paper means by it. The authors' code
+    (``domainbed/adapt_algorithms.py``, ``T3A.select_supports``) sets the keep-all indices for
+    -1 but then overwrites them with the per-class ``[:filter_K]`` slice, which with -1 drops
+    the highest-entropy support of each class at every step; that is not followed here.
+    """
     if m < 0:
         return torch.arange(len(supports), device=supports.device)
     cls = labels.argmax(1)
@@ -67,7 +83,7 @@ class T3AAdapter(Adapter):
         self.supports, self.labels, self.entropy = (t.clone() for t in self.warmup)
 
     @torch.no_grad()
-    def forward_and_adapt(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def forward_and_adapt(self, x: torch.Tensor) -> Step:
         z = self.model.features(x)
         p = self.model.head(z)
         self.supports = torch.cat([self.supports, z])
@@ -79,7 +95,7 @@ class T3AAdapter(Adapter):
             self.labels[keep],
             self.entropy[keep],
         )
-        return z @ prototypes(self.supports, self.labels).T, None
+        return Step(z @ prototypes(self.supports, self.labels).T)
 
 
 @METHODS.register("t3a")

@@ -6,9 +6,11 @@ Two caches of normalised test features fill up along the stream, keyed by predic
 - positive: every image joins the cache of its predicted class, which keeps the
   ``pos_shot_capacity`` lowest-entropy images; logits add
   ``pos_alpha * exp(-pos_beta * (1 - f . keys)) @ one_hot(classes)``;
-- negative: only images of normalised entropy H / log K inside (0.2, 0.5) join, with their
+- negative: only images of normalised entropy inside (0.2, 0.5) join, with their
   probabilities; logits subtract ``neg_alpha * exp(-neg_beta * (1 - f . keys)) @ mask``, where
-  the mask marks the classes whose cached probability lies in (0.03, 1.0).
+  the mask marks the classes whose cached probability lies in (0.03, 1.0). The entropy is in
+  nats and divided by log2 K, as the authors' ``get_entropy`` (``utils.py``) does, so the band is
+  (0.289, 0.721) in H / ln K.
 
 Each image updates the caches before its own prediction, as in the authors' code. Defaults are
 the ImageNet configuration of the authors' repository (kdiAAA/TDA, ``configs/imagenet.yaml``):
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
@@ -28,7 +29,7 @@ from pydantic import Field, model_validator
 from clinadapt.classifier import ImageClassifier
 from clinadapt.data.base import ClinicalDataset
 from clinadapt.errors import IncompatibleError
-from clinadapt.methods.base import METHODS, Context, Options, TTAMethod
+from clinadapt.methods.base import METHODS, Context, Options, StreamResult, TTAMethod
 from clinadapt.progress import progress
 
 
@@ -41,7 +42,8 @@ class TDAOptions(Options):
     neg_alpha: float = Field(0.117, ge=0, description="weight of the negative cache logits")
     neg_beta: float = Field(1.0, ge=0, description="sharpness of the negative affinities")
     neg_entropy: tuple[float, float] = Field(
-        (0.2, 0.5), description="normalised-entropy band an image must fall in to join"
+        (0.2, 0.5),
+        description="band of H / log2 K (H in nats, as the authors) an image must fall in to join",
     )
     neg_mask: tuple[float, float] = Field(
         (0.03, 1.0), description="probability band marking a class in a negative entry"
@@ -102,7 +104,7 @@ def tda_logits(
         ent = float(-(p * z.log_softmax(-1)).sum())
         pred = int(z.argmax())
         pos.add(pred, ent, f[i], F.one_hot(torch.tensor(pred), k).float().to(f.device))
-        if options.negative and lo < ent / math.log(k) < hi:
+        if options.negative and lo < ent / math.log2(k) < hi:
             neg.add(pred, ent, f[i], ((p > mlo) & (p < mhi)).float())
             joined_neg += 1
         final = z + pos.logits(f[i], options.pos_alpha, options.pos_beta)
@@ -123,7 +125,7 @@ class TDA(TTAMethod):
 
     def adapt(
         self, model: ImageClassifier, stream: ClinicalDataset, options: TDAOptions, ctx: Context
-    ) -> np.ndarray:
+    ) -> StreamResult:
         if stream.task == "multilabel":
             raise IncompatibleError("tda needs single-label data (its caches key on the arg-max)")
         model.eval()
@@ -137,5 +139,4 @@ class TDA(TTAMethod):
                 logits.append(model.head(f).float())
                 feats.append(f.float())
         final, info = tda_logits(torch.cat(logits), torch.cat(feats), options)
-        ctx.history.setdefault("tda", []).append({"stream": stream.name, **info})
-        return torch.softmax(final, dim=-1).cpu().numpy().astype(np.float64)
+        return StreamResult.of(torch.softmax(final, dim=-1), **info)

@@ -17,6 +17,7 @@ from clinadapt.classifier import ImageClassifier
 from clinadapt.methods.base import METHODS, Context
 from clinadapt.methods.tta.adapter import (
     Adapter,
+    Step,
     StreamMethod,
     StreamOptions,
     check_model,
@@ -29,10 +30,12 @@ from clinadapt.methods.tta.adapter import (
 
 
 class TentOptions(StreamOptions):
-    # Published defaults (tent repository, cfg.py and cifar configs): Adam, lr 1e-3, beta1 0.9,
+    # Published defaults (DequanWang/tent: conf.py and cfgs/tent.yaml): Adam, lr 1e-3, beta1 0.9,
     # no weight decay, one step per batch, not episodic. Its ImageNet setting is SGD lr 2.5e-4
-    # with momentum 0.9: --set method_options.optimizer=sgd method_options.lr=0.00025.
+    # with momentum 0.9 (--set method_options.optimizer=sgd method_options.lr=0.00025); its SGD
+    # is Nesterov (conf.py: OPTIM.NESTEROV = True, passed to optim.SGD in cifar10c.py).
     lr: float = Field(1e-3, gt=0, description="learning rate (paper: Adam 1e-3)")
+    nesterov: bool = Field(True, description="SGD: Nesterov momentum (tent's config: on)")
 
 
 class TentAdapter(Adapter):
@@ -42,15 +45,17 @@ class TentAdapter(Adapter):
         super().__init__(model, optimizer)
         self.steps = steps
 
-    def forward_and_adapt(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_and_adapt(self, x: torch.Tensor) -> Step:
+        updates = 0
         for _ in range(self.steps):
             logits = self.model(x)
             loss = softmax_entropy(logits).mean()
             if torch.isfinite(loss):
                 loss.backward()
                 self.optimizer.step()
+                updates += 1
             self.optimizer.zero_grad(set_to_none=True)
-        return logits, loss.detach()
+        return Step(logits, loss.detach(), updates=updates, used=len(x))
 
 
 @METHODS.register("tent")

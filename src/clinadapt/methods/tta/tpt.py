@@ -22,7 +22,7 @@ from pydantic import Field
 from clinadapt.classifier import ImageClassifier
 from clinadapt.data.base import ClinicalDataset
 from clinadapt.errors import IncompatibleError
-from clinadapt.methods.base import METHODS, Context, Options, TTAMethod
+from clinadapt.methods.base import METHODS, Context, Options, StreamResult, TTAMethod
 from clinadapt.progress import progress
 from clinadapt.targets.text_prompt import PromptHead
 
@@ -112,7 +112,7 @@ class TPT(TTAMethod):
 
     def adapt(
         self, model: ImageClassifier, stream: ClinicalDataset, options: TPTOptions, ctx: Context
-    ) -> np.ndarray:
+    ) -> StreamResult:
         if stream.task == "multilabel":
             raise IncompatibleError("tpt needs single-label data (it minimises softmax entropy)")
         model.eval()
@@ -129,7 +129,7 @@ class TPT(TTAMethod):
                 with torch.no_grad():
                     feats = model.encoder.encode_image(model.preprocess(views).to(ctx.device))
                 out.append(tune_and_predict(head, initial, feats, options).cpu())
-        return torch.cat(out).numpy().astype(np.float64)
+        return StreamResult.of(torch.cat(out), updates_per_image=options.steps)
 
 
 def tune_and_predict(

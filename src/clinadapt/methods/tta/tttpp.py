@@ -30,6 +30,7 @@ from clinadapt.methods.base import METHODS, Context
 from clinadapt.methods.finetune import Finetune, FinetuneOptions
 from clinadapt.methods.tta.adapter import (
     Adapter,
+    Step,
     StreamMethod,
     StreamOptions,
     check_model,
@@ -172,8 +173,9 @@ class TTTPPAdapter(Adapter):
     def on_reset(self) -> None:
         self.queue.clear()
 
-    def forward_and_adapt(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_and_adapt(self, x: torch.Tensor) -> Step:
         o = self.options
+        updates = 0
         for _ in range(o.steps):
             k = torch.randint(4, (len(x),), generator=self.generator).to(x.device)
             aux = F.cross_entropy(self.branch.rotation(self.model.features(rotate_batch(x, k))), k)
@@ -184,11 +186,12 @@ class TTTPPAdapter(Adapter):
             if torch.isfinite(loss):
                 loss.backward()
                 self.optimizer.step()
+                updates += 1
             self.optimizer.zero_grad(set_to_none=True)
         self.queue.append(f.detach())
         while self.queue and sum(len(q) for q in self.queue) > o.queue_size:
             self.queue.popleft()
-        return self.predict(x), loss.detach()
+        return Step(self.predict(x), loss.detach(), updates=updates, used=len(x))
 
 
 @METHODS.register("tttpp")

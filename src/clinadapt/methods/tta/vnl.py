@@ -24,6 +24,7 @@ from clinadapt.classifier import ImageClassifier
 from clinadapt.methods.base import METHODS, Context
 from clinadapt.methods.tta.adapter import (
     Adapter,
+    Step,
     StreamMethod,
     StreamOptions,
     check_model,
@@ -81,8 +82,9 @@ class VNLAdapter(Adapter):
     def on_reset(self) -> None:
         self.bank.clear()
 
-    def forward_and_adapt(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_and_adapt(self, x: torch.Tensor) -> Step:
         o = self.options
+        updates = 0
         for _ in range(o.steps):
             feats = self.model.features(x)
             logits = self.model.head(feats)
@@ -99,11 +101,12 @@ class VNLAdapter(Adapter):
             if torch.isfinite(loss):
                 loss.backward()
                 self.optimizer.step()
+                updates += 1
             self.optimizer.zero_grad(set_to_none=True)
         self.bank.append((feats.detach(), probs))
         while self.bank and sum(len(b[0]) for b in self.bank) > o.memory:
             self.bank.popleft()
-        return logits, loss.detach()
+        return Step(logits, loss.detach(), updates=updates, used=len(x))
 
 
 @METHODS.register("vnl")

@@ -11,8 +11,10 @@ scores exactly as the source model. The prompts are the run's
 from __future__ import annotations
 
 import abc
+import logging
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -20,13 +22,24 @@ import torch
 
 from clinadapt.errors import IncompatibleError
 from clinadapt.methods.base import Context, Options, TTAMethod
-from clinadapt.methods.tta.adapter import Adapter, GuardOptions, record_reset
+from clinadapt.methods.trace import StreamResult
+from clinadapt.methods.tta.adapter import Adapter, GuardOptions, event
 from clinadapt.progress import progress
 from clinadapt.segmentation.predict import MaskModel, ProbMap
 from clinadapt.segmentation.prompts import Prompts
 
 #: A predicted foreground share below this (or above 1 - this) makes an image "degenerate".
 DEGENERATE_SHARE = 1e-3
+log = logging.getLogger("clinadapt.tta")
+
+
+@dataclass
+class SegStreamResult:
+    """(C, H, W) class masks of one stream in its order, and its events (resets, would-be
+    resets)."""
+
+    masks: list[np.ndarray]
+    events: list[dict[str, Any]] = field(default_factory=list)
 
 
 class SegTTAMethod(TTAMethod):
@@ -34,7 +47,7 @@ class SegTTAMethod(TTAMethod):
 
     task: ClassVar[str] = "segmentation"
 
-    def adapt(self, model: Any, stream: Any, options: Options, ctx: Context) -> np.ndarray:
+    def adapt(self, model: Any, stream: Any, options: Options, ctx: Context) -> StreamResult:
         raise IncompatibleError(
             f"{self.name} adapts segmentation models; {getattr(stream, 'name', 'this stream')} "
             "is a classification dataset"
@@ -48,8 +61,9 @@ class SegTTAMethod(TTAMethod):
         prompts: Sequence[Prompts],
         options: Options,
         ctx: Context,
-    ) -> list[np.ndarray]:
-        """(C, H, W) class masks of ``stream`` (a SegmentationDataset) in its order, adapting.
+    ) -> SegStreamResult:
+        """(C, H, W) class masks of ``stream`` (a SegmentationDataset) in its order, adapting,
+        and what happened on the way.
 
         ``model`` is the source model and stays unchanged (methods adapt a private copy).
         """
@@ -57,6 +71,9 @@ class SegTTAMethod(TTAMethod):
 
 class SegCollapseGuard:
     """Watch the last ``window`` prompted images; report a collapse or a non-finite loss.
+
+    It only reports; the stream resets on a collapse when the options say ``guard=reset`` (a
+    non-finite output always resets).
 
     Entropy minimisation on masks collapses to all-background or all-foreground predictions
     with near-zero entropy. A stream has collapsed when, over a full window of images that asked
@@ -70,12 +87,10 @@ class SegCollapseGuard:
         window: int = 128,
         entropy_frac: float = 0.05,
         share: float = 0.95,
-        enabled: bool = True,
     ) -> None:
         self.window = window
         self.entropy_frac = entropy_frac
         self.share = share
-        self.enabled = enabled
         self.entropy: deque[float] = deque(maxlen=window)
         self.degenerate: deque[bool] = deque(maxlen=window)
 
@@ -84,13 +99,11 @@ class SegCollapseGuard:
         self.degenerate.clear()
 
     def check(self, maps: Sequence[ProbMap], loss: torch.Tensor | float | None) -> str | None:
-        """Add a batch of predictions; return why the stream must be reset, or None."""
+        """Add a batch of predictions; return why the stream looks broken, or None."""
         if loss is not None and not bool(torch.isfinite(torch.as_tensor(loss))):
             return f"non-finite loss ({float(loss)})"
         if any(not bool(torch.isfinite(m.probs).all()) for m in maps):
             return "non-finite predictions"
-        if not self.enabled:
-            return None
         for m in maps:
             if m.probs.shape[0] == 0:
                 continue  # nothing was asked of this image
@@ -112,9 +125,7 @@ class SegCollapseGuard:
 
 
 def make_guard(options: GuardOptions) -> SegCollapseGuard:
-    return SegCollapseGuard(
-        options.guard_window, options.guard_entropy, options.guard_share, options.guard
-    )
+    return SegCollapseGuard(options.guard_window, options.guard_entropy, options.guard_share)
 
 
 class SegAdapter(Adapter):
@@ -140,11 +151,17 @@ def run_seg_stream(
     ctx: Context,
     guard: SegCollapseGuard,
     method: str,
-) -> list[np.ndarray]:
-    """Adapt along ``stream`` in order, ``ctx.batch_size`` images at a time; reset on collapse."""
+    reset_on_collapse: bool = False,
+) -> SegStreamResult:
+    """Adapt along ``stream`` in order, ``ctx.batch_size`` images at a time.
+
+    A non-finite output always resets to the source model; a collapse only when
+    ``reset_on_collapse`` (``guard=reset``), else it is recorded as a would-be reset.
+    """
     if len(prompts) != len(stream):
         raise IncompatibleError(f"{len(prompts)} prompt sets for {len(stream)} images")
     out: list[np.ndarray] = []
+    events: list[dict[str, Any]] = []
     starts = range(0, len(stream), ctx.batch_size)
     for start in progress(starts, f"{method} {stream.name}", total=len(starts)):
         idx = range(start, min(start + ctx.batch_size, len(stream)))
@@ -152,14 +169,23 @@ def run_seg_stream(
         batch_prompts = [prompts[i] for i in idx]
         maps, loss = adapter.forward_and_adapt(images, batch_prompts)
         reason = guard.check(maps, loss)
-        if reason:
+        if reason and not (reset_on_collapse or reason.startswith("non-finite")):
+            events.append(event(method, stream.name, start, "would-reset", reason))
+        elif reason:
             adapter.reset()
             guard.clear()
-            record_reset(ctx, method, stream.name, start, reason)
+            events.append(event(method, stream.name, start, "reset", reason))
+            log.warning(
+                "%s: reset to the source model at image %d of %s: %s",
+                method,
+                start,
+                stream.name,
+                reason,
+            )
             if any(not bool(torch.isfinite(m.probs).all()) for m in maps):
                 maps = adapter.predict(images, batch_prompts)
         out.extend(m.class_masks(stream.num_classes) for m in maps)
-    return out
+    return SegStreamResult(out, events)
 
 
 def entropy_loss(maps: Sequence[ProbMap]) -> torch.Tensor | None:

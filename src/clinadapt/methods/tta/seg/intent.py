@@ -30,7 +30,7 @@ from torch import nn
 
 from clinadapt.errors import IncompatibleError
 from clinadapt.methods.base import METHODS, Context, Options
-from clinadapt.methods.tta.seg.base import SegTTAMethod
+from clinadapt.methods.tta.seg.base import SegStreamResult, SegTTAMethod
 from clinadapt.progress import progress
 from clinadapt.segmentation.predict import MaskModel, ProbMap
 from clinadapt.segmentation.prompts import Prompts
@@ -127,7 +127,7 @@ class InTEnt(SegTTAMethod):
         prompts: Sequence[Prompts],
         options: InTEntOptions,
         ctx: Context,
-    ) -> list[np.ndarray]:
+    ) -> SegStreamResult:
         if not isinstance(model, nn.Module) or not batchnorms(model):
             name = getattr(model, "name", type(model).__name__)
             raise IncompatibleError(
@@ -158,4 +158,4 @@ class InTEnt(SegTTAMethod):
         for m, (sm, sv) in zip(layers, source, strict=True):  # the copy ends as the source
             m.running_mean.copy_(sm)
             m.running_var.copy_(sv)
-        return out
+        return SegStreamResult(out)

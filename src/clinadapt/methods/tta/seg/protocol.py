@@ -20,6 +20,7 @@ import numpy as np
 from clinadapt.data.base import ClinicalDataset
 from clinadapt.errors import ConfigError
 from clinadapt.methods.base import Context, Options
+from clinadapt.methods.trace import MAX_EVENTS
 from clinadapt.methods.tta.protocol import PROTOCOLS
 from clinadapt.methods.tta.seg.base import SegTTAMethod
 from clinadapt.segmentation.predict import MaskModel
@@ -69,38 +70,39 @@ def run_seg_tta(
     positions = {n: stream_positions(ds, order, ctx.seed) for n, ds in tests.items()}
     streams = {n: ds.subset(positions[n], name=ds.name) for n, ds in tests.items()}
     stream_prompts = {n: [prompts[n][int(j)] for j in positions[n]] for n in tests}
-    events: list[dict[str, Any]] = ctx.history.setdefault("tta_resets", [])
-    first_event = len(events)
-    resets = dict.fromkeys(streams, 0)
+    events: dict[str, list[dict[str, Any]]] = {n: [] for n in streams}
     in_stream: dict[str, list[np.ndarray]] = {}
     if protocol == "continual":
         names = list(streams)
         whole = ClinicalDataset.concat([streams[n] for n in names], name="continual")
         joined = [p for n in names for p in stream_prompts[n]]
-        maps = method.adapt_masks(model, whole, joined, options, ctx)
+        res = method.adapt_masks(model, whole, joined, options, ctx)
         bounds = np.cumsum([0] + [len(streams[n]) for n in names])
         for i, n in enumerate(names):
-            in_stream[n] = maps[bounds[i] : bounds[i + 1]]
-        for e in events[first_event:]:
+            in_stream[n] = res.masks[bounds[i] : bounds[i + 1]]
+        for e in res.events:
             n = names[int(np.searchsorted(bounds, e["position"], side="right")) - 1]
-            resets[n] += 1
+            events[n].append(e)
     else:
         for n, stream in streams.items():
-            before = len(events)
             if protocol == "per-shift":
-                in_stream[n] = method.adapt_masks(model, stream, stream_prompts[n], options, ctx)
+                res = method.adapt_masks(model, stream, stream_prompts[n], options, ctx)
+                in_stream[n], events[n] = res.masks, res.events
             else:  # episodic: every batch from the source model
                 in_stream[n] = []
                 for s in range(0, len(stream), ctx.batch_size):
                     part = np.arange(s, min(s + ctx.batch_size, len(stream)))
-                    in_stream[n] += method.adapt_masks(
+                    res = method.adapt_masks(
                         model,
                         stream.subset(part),
                         [stream_prompts[n][int(j)] for j in part],
                         options,
                         ctx,
                     )
-            resets[n] = len(events) - before
+                    in_stream[n] += res.masks
+                    events[n] += [{**e, "position": e["position"] + s} for e in res.events]
+    resets = {n: sum(e["kind"] == "reset" for e in ev) for n, ev in events.items()}
+    would = {n: sum(e["kind"] == "would-reset" for e in ev) for n, ev in events.items()}
     masks: dict[str, list[np.ndarray]] = {}
     for n, maps in in_stream.items():
         back: list[np.ndarray | None] = [None] * len(maps)
@@ -111,9 +113,12 @@ def run_seg_tta(
         "protocol": protocol,
         "stream_order": order,
         "batch_size": ctx.batch_size,
+        "guard": getattr(options, "guard", None),
         "resets": int(sum(resets.values())),
         "resets_per_set": resets,
-        "reset_events": events[first_event:][:100],
+        "would_be_resets": int(sum(would.values())),
+        "would_be_resets_per_set": would,
+        "reset_events": [e for ev in events.values() for e in ev][:MAX_EVENTS],
         "stream_sizes": {n: len(s) for n, s in streams.items()},
     }
     return SegTTAResult(masks, info)

@@ -30,6 +30,7 @@ from clinadapt.methods.tta.adapter import (
 )
 from clinadapt.methods.tta.seg.base import (
     SegAdapter,
+    SegStreamResult,
     SegTTAMethod,
     entropy_loss,
     make_guard,
@@ -80,11 +81,13 @@ class SegTent(SegTTAMethod):
         prompts: Sequence[Prompts],
         options: SegTentOptions,
         ctx: Context,
-    ) -> list[np.ndarray]:
+    ) -> SegStreamResult:
         torch.manual_seed(ctx.seed)
         own = copy.deepcopy(model)
         configure_model(own, resolve_bn_prior(options, ctx))
         params = collect_params(own)
         check_model(own, params, self.name)
         adapter = SegTentAdapter(own, make_optimizer(params, options), options.steps)
-        return run_seg_stream(adapter, stream, prompts, ctx, make_guard(options), self.name)
+        guard = make_guard(options)
+        reset = options.guard == "reset"
+        return run_seg_stream(adapter, stream, prompts, ctx, guard, self.name, reset)
