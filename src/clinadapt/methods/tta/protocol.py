@@ -194,7 +194,14 @@ def account(
         for w in warnings_for(method.name, n, s, guarded=guard is not None)
     ]
     for w in warnings:
-        log.warning(w)
+        log.info(w)
+    if warnings:  # one line per run; every note is in the record
+        log.warning(
+            "%s: %d note(s) on what it did (record['tta']['warnings']), e.g. %s",
+            method.name,
+            len(warnings),
+            warnings[0],
+        )
     events = [e for r in results.values() for e in r.events]
     return {
         "protocol": protocol,
