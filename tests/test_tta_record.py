@@ -16,7 +16,7 @@ from clinadapt.methods import METHODS, Context, FitMethod, StreamResult, TTAMeth
 from clinadapt.methods.trace import summarise, warnings_for
 from clinadapt.methods.tta.adapter import Adapter, Step, StreamMethod, run_stream
 from clinadapt.methods.tta.guard import CollapseGuard
-from clinadapt.methods.tta.protocol import run_tta
+from clinadapt.methods.tta.protocol import order_stream, run_tta
 from clinadapt.methods.tta.tda import TDAOptions, tda_logits
 from clinadapt.models import load_model
 from clinadapt.runner import run_experiment
@@ -54,6 +54,18 @@ def test_stream_batch_size_is_its_own_field_and_reuses_the_source_fit(tmp_path):
     # the source's own training batch still keys its fit
     c = run_experiment(RunConfig(batch_size=16, **common), write=False)
     assert c["source"]["training"]["checkpoint"] != trained
+
+
+def test_a_prediction_never_depends_on_later_images(data, model):
+    """Cutting a stream after two batches leaves every earlier prediction as it was."""
+    stream = order_stream(data.where(domain="site-b").subset(range(24)), "class-sorted", 0)
+    for name in ("tent", "eata", "sar", "t3a", "vnl", "bn", "tda"):
+        method = METHODS.get(name)()
+        opts = method.parse_options({"fisher_alpha": 0.0} if name == "eata" else {})
+        ctx = Context(batch_size=8)
+        whole = method.adapt(model, stream, opts, ctx).probs
+        cut = method.adapt(model, stream.subset(range(16)), opts, ctx).probs
+        np.testing.assert_allclose(whole[:16], cut, atol=1e-6, err_msg=name)
 
 
 # --- change against the unadapted source --------------------------------------------------------
