@@ -1,4 +1,11 @@
-"""The registry of promptable segmenters, read from ``segmenters.json`` (no torch needed)."""
+"""The registry of promptable segmenters, read from ``segmenters.json`` (no torch needed).
+
+A registry of its own rather than entries of the backbone registry (``MODELS``): a segmenter
+takes images and prompts and gives masks, a backbone takes images and gives feature vectors,
+and methods, targets and the CLI treat the two differently. ``sam-vit-b`` and ``medsam`` in
+``MODELS`` stay the image encoders alone (for classification); the same names here are the whole
+promptable models, and both read ``$CLINADAPT_MODEL_DIR/<name>/``, so one download serves both.
+"""
 
 from __future__ import annotations
 
