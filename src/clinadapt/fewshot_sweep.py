@@ -22,12 +22,7 @@ from clinadapt.errors import ConfigError, brief
 from clinadapt.features import FeatureCache, resolve_cache_dir, rows_in
 from clinadapt.methods import METHODS, Context
 from clinadapt.methods.base import logits_to_proba
-from clinadapt.methods.frozen import (
-    FrozenFeatureMethod,
-    LabelledFeatures,
-    head_logits,
-    support_positions,
-)
+from clinadapt.methods.frozen import FrozenFeatureMethod, LabelledFeatures, head_logits
 from clinadapt.progress import bar, status
 from clinadapt.record import (
     build_record,
@@ -170,10 +165,14 @@ def run_fewshot_sweep(
     emb = _Embedded(base, cache)
     done = {c.run_id(): existing_record(out, c.run_id()) for c in configs} if skip_existing else {}
     todo = [c for c in configs if done.get(c.run_id()) is None]
-    for k, seed in sorted({(c.method_options["shots"], c.seed) for c in todo}):
+    for cfg in todo:
         # every support set is drawn before the backbone runs: too few images fails at once
-        emb.split(seed).train.require_classes()
-        support_positions(emb.split(seed).train, k, seed)
+        method = frozen_method(cfg.method)
+        split = emb.split(cfg.seed)
+        split.train.require_classes()
+        method.labelled_budget(
+            split.train, split.val, method.parse_options(cfg.method_options), cfg.seed
+        )
     todo_ids = {c.run_id() for c in todo}
     records = []
     pbar = bar(len(configs), "few-shot sweep")
@@ -210,11 +209,15 @@ def _run_one(cfg: RunConfig, emb: _Embedded) -> dict[str, Any]:
         device=cfg.device,
         cache_dir=str(Path(cfg.out_dir) / "cache" / "features"),
     )
-    pool = emb.of(split.train)
-    pos = support_positions(split.train, opts.shots, cfg.seed)
-    support = LabelledFeatures(pool[pos], split.train.labels[pos])
-    val = LabelledFeatures(emb.of(split.val), split.val.labels) if split.val is not None else None
-    head, summary = method.fit_head(emb.model, support, val, split.train, opts, ctx)
+    # only the labelled images the budget allows: K per class (and a K-shot validation set
+    # when selection is kshot-val), exactly as `clinadapt run` gives the method
+    budget = method.labelled_budget(split.train, split.val, opts, cfg.seed)
+    support = LabelledFeatures(emb.of(budget.train), budget.train.labels)
+    val = None
+    if budget.val is not None:
+        val = LabelledFeatures(emb.of(budget.val), budget.val.labels)
+    resolved = opts.model_copy(update={"selection": budget.selection})
+    head, summary = method.fit_head(emb.model, support, val, budget.train, resolved, ctx)
     head = head.to(cfg.device)
     fit_s = time.perf_counter() - t0
     t = time.perf_counter()
@@ -224,20 +227,25 @@ def _run_one(cfg: RunConfig, emb: _Embedded) -> dict[str, Any]:
         labels[name] = test.labels
         meta[name] = test.metadata
     val_pred = None
-    if split.val is not None and ds.task == "binary":  # operating point chosen on validation
-        val_pred = (split.val.labels, _proba(head, emb.of(split.val), ds.task, cfg.device))
+    if val is not None and ds.task == "binary":  # the budget's validation images only
+        val_pred = (val.y, _proba(head, val.x, ds.task, cfg.device))
     outcome = Outcome(
         model=emb.model.encoder.describe(),
         target=target_record(emb.info, method),
         method={"name": cfg.method, "kind": method.kind, "options": opts.model_dump()},
         predictions={"probs": probs, "labels": labels, "meta": meta, "val": val_pred},
         parts={
-            "training": {**summary, "support_images": len(pos)},
+            "training": {
+                **summary,
+                "selection": budget.selection,
+                "support_images": len(support.y),
+            },
+            "labelled": budget.describe(),
             "fewshot": {
                 "shots": opts.shots,
                 "support_seed": cfg.seed,
                 "backbone_seed": emb.base.seed,
-                "support_images": len(pos),
+                "support_images": len(support.y),
                 "features": "one embedding pass of the whole dataset, shared by the sweep",
             },
         },

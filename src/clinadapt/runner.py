@@ -19,6 +19,7 @@ from clinadapt.data import load_dataset
 from clinadapt.data.base import ClinicalDataset
 from clinadapt.errors import ConfigError, IncompatibleError
 from clinadapt.methods import METHODS, Context, FitMethod, Method, TTAMethod, predict_proba
+from clinadapt.methods.budget import LabelledBudget
 from clinadapt.methods.tta.protocol import order_stream, run_tta, source_method_for
 from clinadapt.models import load_model
 from clinadapt.progress import status
@@ -101,10 +102,11 @@ def fit_source(
     target: str | None,
     options: dict,
     ctx: Context,
-) -> tuple[ImageClassifier, TargetInfo, dict[str, Any]]:
+) -> tuple[ImageClassifier, TargetInfo, dict[str, Any], LabelledBudget]:
     """Train (or reload from the run cache) a classifier with a fit method.
 
-    ``target=None`` uses the method's own default target.
+    ``target=None`` uses the method's own default target. The method is given only the
+    labelled images its budget allows (K per class in K-shot runs), which are returned too.
     """
     method = METHODS.get(method_name)()
     if not isinstance(method, FitMethod):
@@ -121,19 +123,34 @@ def fit_source(
     unlabelled = unlabelled_targets(split) if method.uses_unlabelled else {}
     if unlabelled:
         ctx = dataclasses.replace(ctx, unlabelled=unlabelled)
+    budget = method.labelled_budget(split.train, split.val, opts, ctx.seed)
     key = _fit_key(cfg, method_name, target, opts.model_dump(), split.train, unlabelled)
     ckpt = Path(cfg.out_dir) / "cache" / f"fit-{key}.safetensors"
     if ckpt.exists():
         status(f"reusing trained model {ckpt.name}")
         method.load_adapted(model, load_file(str(ckpt), device=cfg.device))
-        return model, info, {"reused": ckpt.name}
+        return model, info, {"reused": ckpt.name}, budget
     status(
-        f"training {cfg.model} with {method_name} on {split.train.name} ({len(split.train)} images, target {target})"
+        f"training {cfg.model} with {method_name} on {budget.train.name} "
+        f"({len(budget.train)} images, target {target})"
     )
-    summary = method.fit(model, split.train, split.val, opts, ctx)
+    summary = method.fit(model, budget.train, budget.val, opts, ctx)
     save_adapted(model, ckpt, base=cfg.model, target=info)
     summary["checkpoint"] = ckpt.name
-    return model, info, summary
+    return model, info, summary, budget
+
+
+def _operating_point_data(
+    model: ImageClassifier, budget: LabelledBudget, task: str, ctx: Context
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Validation (labels, probabilities) to choose a binary operating point on.
+
+    Only the validation images of the fit's budget: none in K-shot runs that select on the
+    support set or not at all, so their operating point is 0.5 (and the record says so).
+    """
+    if task != "binary" or budget.val is None:
+        return None
+    return budget.val.labels, predict_proba(model, budget.val, ctx, desc="validation")
 
 
 def classification_outcome(
@@ -154,7 +171,9 @@ def classification_outcome(
     source_probs: dict[str, np.ndarray] = {}
     if isinstance(method, FitMethod):
         target = cfg.target or method.default_target
-        model, info, summary = fit_source(cfg, split, cfg.method, target, cfg.method_options, ctx)
+        model, info, summary, budget = fit_source(
+            cfg, split, cfg.method, target, cfg.method_options, ctx
+        )
         timings["fit_s"] = time.perf_counter() - t
         t = time.perf_counter()
         parts["adaptive_temperature"] = _adaptive_temperature(cfg, model, ds.task)
@@ -162,13 +181,13 @@ def classification_outcome(
             probs[name] = predict_proba(model, test, ctx, desc=f"evaluate {name}")
             labels[name] = test.labels
             meta[name] = test.metadata
-        if ds.task == "binary" and split.val is not None:  # operating point chosen on validation
-            val_pred = (split.val.labels, predict_proba(model, split.val, ctx, desc="validation"))
+        val_pred = _operating_point_data(model, budget, ds.task, ctx)
         parts["training"] = summary
+        parts["labelled"] = budget.describe()
     elif isinstance(method, TTAMethod):
         opts = method.parse_options(cfg.method_options)
         src_method = source_method_for(method, cfg.source.method)
-        model, src_info, summary = fit_source(
+        model, src_info, summary, budget = fit_source(
             cfg, split, src_method, cfg.source.target, cfg.source.options, ctx
         )
         timings["fit_s"] = time.perf_counter() - t
@@ -179,8 +198,7 @@ def classification_outcome(
         else:
             info = apply_target(model, target, cfg.target_options)
         parts["adaptive_temperature"] = _adaptive_temperature(cfg, model, ds.task)
-        if ds.task == "binary" and split.val is not None:  # the source's operating point
-            val_pred = (split.val.labels, predict_proba(model, split.val, ctx, desc="validation"))
+        val_pred = _operating_point_data(model, budget, ds.task, ctx)  # the source's
         result = run_tta(
             method,
             model,
@@ -207,6 +225,7 @@ def classification_outcome(
             **cfg.source.model_dump(),
             "method": src_method,
             "training": summary,
+            "labelled": budget.describe(),
             "target": target_record(src_info, METHODS.get(src_method)()),
         }
     else:  # pragma: no cover - the registry only holds the two kinds

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -16,6 +16,9 @@ from clinadapt.methods.registry import METHODS  # noqa: F401  (re-exported: modu
 from clinadapt.methods.trace import StreamResult
 from clinadapt.progress import progress
 from clinadapt.validate import parse_model
+
+if TYPE_CHECKING:
+    from clinadapt.methods.budget import LabelledBudget
 
 
 class Options(BaseModel):
@@ -69,6 +72,24 @@ class FitMethod(Method):
     #: True for domain-adaptation methods that also learn from the shifted test images without
     #: their labels (transductive); the runner then passes them in ``ctx.unlabelled``
     uses_unlabelled: ClassVar[bool] = False
+    #: Whether ``fit`` can choose on cross-validation within the support set (selection support-cv)
+    cross_validates: ClassVar[bool] = False
+
+    def labelled_budget(
+        self,
+        train: ClinicalDataset,
+        val: ClinicalDataset | None,
+        options: Options,
+        seed: int,
+    ) -> LabelledBudget:
+        """The labelled images ``fit`` may see with ``options`` (K per class in K-shot runs).
+
+        The runner passes only these to ``fit`` and chooses the operating point on their
+        validation part; ``fit`` applies the same budget to what it is given (a no-op then).
+        """
+        from clinadapt.methods.budget import labelled_budget
+
+        return labelled_budget(train, val, options, seed, cross_validates=self.cross_validates)
 
     @abc.abstractmethod
     def fit(

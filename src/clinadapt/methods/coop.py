@@ -21,19 +21,16 @@ from clinadapt.classifier import ImageClassifier
 from clinadapt.data.base import ClinicalDataset
 from clinadapt.errors import ClinadaptError, IncompatibleError
 from clinadapt.features import FeatureCache, resolve_cache_dir
-from clinadapt.methods.base import METHODS, Context, FitMethod, Options
+from clinadapt.methods.base import METHODS, Context, FitMethod
+from clinadapt.methods.budget import FewShotOptions
 from clinadapt.methods.finetune import supervised_loss
-from clinadapt.methods.frozen import support_positions
 from clinadapt.progress import bar
 from clinadapt.targets.text_prompt import PromptHead
 
 WARMUP_LR = 1e-5  # CoOp's constant warm-up learning rate
 
 
-class CoOpOptions(Options):
-    shots: int | None = Field(
-        None, ge=1, description="labelled images per class (None: all training images)"
-    )
+class CoOpOptions(FewShotOptions):
     epochs: int | None = Field(
         None,
         ge=1,
@@ -98,8 +95,7 @@ class CoOp(FitMethod):
         ctx: Context,
     ) -> dict[str, Any]:
         head = prompt_head(model, "coop")
-        pos = support_positions(train, options.shots, ctx.seed)
-        support = train.subset(pos, name=f"{train.name}/support")
+        support = self.labelled_budget(train, val, options, ctx.seed).train
         feats = frozen_features(model, support, ctx)
         labels = torch.as_tensor(support.labels, device=ctx.device)
         epochs = options.epochs or coop_epochs(options.shots)
@@ -110,7 +106,7 @@ class CoOp(FitMethod):
         history = train_prompt(
             head, feats, labels, train.task, opt, epochs, options, ctx, desc="coop"
         )
-        return {"history": history, "support_images": len(pos), "epochs": epochs}
+        return {"history": history, "support_images": len(support), "epochs": epochs}
 
     def load_adapted(self, model: ImageClassifier, state: dict[str, torch.Tensor]) -> None:
         prompt_head(model, "coop")

@@ -32,9 +32,9 @@ from clinadapt.classifier import ImageClassifier
 from clinadapt.data.base import ClinicalDataset
 from clinadapt.errors import ClinadaptError, ConfigError, IncompatibleError
 from clinadapt.features import FeatureCache, resolve_cache_dir
-from clinadapt.methods.base import METHODS, Context, FitMethod, Options
+from clinadapt.methods.base import METHODS, Context, FitMethod
+from clinadapt.methods.budget import FewShotOptions
 from clinadapt.methods.coop import epoch_lr, frozen_features, prompt_head
-from clinadapt.methods.frozen import support_positions
 from clinadapt.methods.templates import templates_for
 from clinadapt.methods.zeroshot import zeroshot_weights
 from clinadapt.progress import bar
@@ -43,7 +43,7 @@ SOURCE_DOMAIN = "source"
 DEFAULT_DOMAIN_CTX = 16  # N_DMX of the authors' configs
 
 
-class DAPLOptions(Options):
+class DAPLOptions(FewShotOptions):
     target_domains: list[str] | None = Field(
         None, description="unlabelled target sets to adapt to (None: every shifted test set)"
     )
@@ -56,9 +56,6 @@ class DAPLOptions(Options):
     tau: float = Field(0.5, ge=0, le=1, description="pseudo-label confidence threshold")
     temperature: float = Field(1.0, gt=0, description="softmax temperature of the pseudo-labels")
     weight_u: float = Field(1.0, ge=0, description="weight of the target pseudo-label loss")
-    shots: int | None = Field(
-        None, ge=1, description="labelled source images per class (None: all)"
-    )
     epochs: int = Field(25, ge=1, description="passes over the labelled source images")
     lr: float = Field(0.003, gt=0, description="SGD learning rate")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
@@ -133,9 +130,9 @@ class DAPL(FitMethod):
             raise IncompatibleError("dapl needs single-label data (pseudo-labels are arg-maxes)")
         names = pick_targets(ctx.unlabelled, options.target_domains)
         cache = FeatureCache(resolve_cache_dir(ctx.cache_dir))
-        pos = support_positions(train, options.shots, ctx.seed)
-        src = frozen_features(model, train.subset(pos, name=f"{train.name}/support"), ctx, cache)
-        y = torch.as_tensor(train.labels[pos], device=ctx.device)
+        support = self.labelled_budget(train, val, options, ctx.seed).train
+        src = frozen_features(model, support, ctx, cache)
+        y = torch.as_tensor(support.labels, device=ctx.device)
 
         # pseudo-labels come from frozen zero-shot CLIP and so are fixed for the whole run
         zs = zeroshot_weights(model.encoder, train.class_names, templates_for(train.modality))
@@ -167,7 +164,7 @@ class DAPL(FitMethod):
         return {
             "history": history,
             "domains": [SOURCE_DOMAIN, *names],
-            "source_images": len(pos),
+            "source_images": len(support),
             "target_images": {n: len(ctx.unlabelled[n]) for n in names},
             "pseudo_label_rate": float(mask_all.mean()),
             "domain_context_tokens": n_dom,

@@ -14,16 +14,16 @@ from safetensors.torch import load_file
 
 from clinadapt.classifier import ImageClassifier
 from clinadapt.data.base import ClinicalDataset
-from clinadapt.data.fewshot import sample_few_shot
 from clinadapt.errors import ClinadaptError, ConfigError, IncompatibleError
 from clinadapt.evaluation.metrics import compute_metrics, metric_names
 from clinadapt.evaluation.subgroups import lower_is_better
-from clinadapt.methods.base import METHODS, Context, FitMethod, Options, predict_proba
+from clinadapt.methods.base import METHODS, Context, FitMethod, predict_proba
+from clinadapt.methods.budget import FewShotOptions
 from clinadapt.progress import bar
 from clinadapt.targets.io import adapted_state, save_adapted
 
 
-class FinetuneOptions(Options):
+class FinetuneOptions(FewShotOptions):
     epochs: int = Field(30, ge=1, description="passes over the training set")
     lr: float = Field(3e-3, gt=0, description="peak AdamW learning rate")
     weight_decay: float = Field(1e-4, ge=0, description="AdamW decoupled weight decay")
@@ -36,9 +36,6 @@ class FinetuneOptions(Options):
         None,
         description="validation metric to select the epoch on (default: balanced_accuracy; "
         "auroc for multi-label); nll, ece and brier select their lowest value",
-    )
-    shots: int | None = Field(
-        None, ge=1, description="train on a K-shot subset per class (None: all training data)"
     )
     checkpoint: str | None = Field(
         None,
@@ -128,8 +125,9 @@ class Finetune(FitMethod):
         if not params:
             raise ConfigError(f"{self.name}: the target left no trainable parameter")
         torch.manual_seed(ctx.seed)
-        if options.shots is not None:
-            train = sample_few_shot(train, options.shots, ctx.seed)
+        # K-shot runs select the epoch on a K-shot validation set or keep the last (fixed)
+        budget = self.labelled_budget(train, val, options, ctx.seed)
+        train, val = budget.train, budget.val
         opt = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
         steps_per_epoch = -(-len(train) // ctx.batch_size)
         total = options.epochs * steps_per_epoch

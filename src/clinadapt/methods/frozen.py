@@ -8,21 +8,18 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from pydantic import Field
 from torch import nn
 
 from clinadapt.classifier import ImageClassifier
 from clinadapt.data.base import ClinicalDataset
-from clinadapt.data.fewshot import few_shot_indices
 from clinadapt.errors import DataError, IncompatibleError
 from clinadapt.features import FeatureCache, resolve_cache_dir
-from clinadapt.methods.base import Context, FitMethod, Options
+from clinadapt.methods.base import Context, FitMethod
+from clinadapt.methods.budget import FewShotOptions
 
 
-class FrozenOptions(Options):
-    shots: int | None = Field(
-        None, ge=1, description="images per class in the support set (None: all training data)"
-    )
+class FrozenOptions(FewShotOptions):
+    """Shots, and how a head that searches hyper-parameters selects them (``selection``)."""
 
 
 @dataclass(frozen=True)
@@ -61,13 +58,6 @@ class FeatureHead(nn.Module):
             raise IncompatibleError(f"{cls.__name__}: checkpoint tensors {sorted(own)}: {e}") from e
 
 
-def support_positions(train: ClinicalDataset, shots: int | None, seed: int) -> np.ndarray:
-    """Positions of the few-shot support set in ``train`` (all of it when ``shots`` is None)."""
-    if shots is None:
-        return np.arange(len(train))
-    return few_shot_indices(train, shots, seed)
-
-
 class FrozenFeatureMethod(FitMethod, abc.ABC):
     """Embed once through the feature cache, then fit a head on the support features."""
 
@@ -87,7 +77,9 @@ class FrozenFeatureMethod(FitMethod, abc.ABC):
     ) -> tuple[nn.Module, dict[str, Any]]:
         """Return a head mapping features to logits, and a summary of how it was chosen.
 
-        ``data`` is the training set the support was drawn from (class names, modality, task).
+        ``support`` and ``val`` are all the labelled data it may use (``val`` is None unless
+        ``options.selection`` is kshot-val or validation); ``data`` is the support set itself
+        (class names, modality, task).
         """
 
     def fit(
@@ -102,19 +94,24 @@ class FrozenFeatureMethod(FitMethod, abc.ABC):
             raise IncompatibleError(
                 f"{self.name}: multi-label tasks are not supported; use finetune --target head"
             )
-        pos = support_positions(train, options.shots, ctx.seed)  # fails before any embedding
+        budget = self.labelled_budget(train, val, options, ctx.seed)  # before any embedding
         cache = FeatureCache(resolve_cache_dir(ctx.cache_dir))
-        # the whole pool is embedded so that every shot count and seed reuses it
-        pool = cache.features(model, train, ctx.batch_size, ctx.device)
-        support = LabelledFeatures(pool[pos], train.labels[pos])
+        feats = cache.features(model, budget.train, ctx.batch_size, ctx.device)
+        support = LabelledFeatures(feats, budget.train.labels)
         va = None
-        if val is not None:
+        if budget.val is not None:
             va = LabelledFeatures(
-                cache.features(model, val, ctx.batch_size, ctx.device), val.labels
+                cache.features(model, budget.val, ctx.batch_size, ctx.device), budget.val.labels
             )
-        head, summary = self.fit_head(model, support, va, train, options, ctx)
+        resolved = options.model_copy(update={"selection": budget.selection})
+        head, summary = self.fit_head(model, support, va, budget.train, resolved, ctx)
         model.head = head.to(ctx.device)
-        return {**summary, "support_images": len(pos), "feature_cache": cache.stats()}
+        return {
+            **summary,
+            "selection": budget.selection,
+            "support_images": len(budget.train),
+            "feature_cache": cache.stats(),
+        }
 
     def load_adapted(self, model: ImageClassifier, state: dict[str, torch.Tensor]) -> None:
         if self.head_type is not None:

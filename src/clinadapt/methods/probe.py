@@ -1,4 +1,12 @@
-"""`linear-probe`: logistic regression on frozen (cached) features, C chosen on validation."""
+"""`linear-probe`: logistic regression on frozen (cached) features, C chosen within the budget.
+
+C is chosen on the labelled data the run may see (``selection``, see
+:mod:`clinadapt.methods.budget`): by cross-validation within the support set in K-shot runs
+(K >= 2), on a K-shot validation set (``kshot-val``), on the validation split in runs on all
+training data, or fixed (1-shot: scikit-learn's default C = 1). Every C of the grid and every
+fold are fitted together on the cached features (:mod:`clinadapt.methods.logistic`), and the
+head is the whole-support fit at the chosen C, with no refit.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +15,6 @@ from typing import Any
 import numpy as np
 import torch
 from pydantic import Field
-from sklearn.linear_model import LogisticRegression
 from torch import nn
 
 from clinadapt.classifier import ImageClassifier
@@ -15,31 +22,38 @@ from clinadapt.data.base import ClinicalDataset
 from clinadapt.errors import IncompatibleError
 from clinadapt.evaluation.metrics import balanced_accuracy
 from clinadapt.methods.base import METHODS, Context, FitMethod
+from clinadapt.methods.budget import CrossValidatedOptions, n_cv_folds, stratified_folds
 from clinadapt.methods.frozen import FrozenFeatureMethod, FrozenOptions, LabelledFeatures
+from clinadapt.methods.logistic import logistic_path
 
 
-class ProbeOptions(FrozenOptions):
+class ProbeOptions(FrozenOptions, CrossValidatedOptions):
     c_grid: list[float] = Field(
         default_factory=lambda: [1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0],
-        description="inverse L2 strengths tried; the best on validation balanced accuracy is kept",
+        description="inverse L2 strengths tried; the best balanced accuracy wins (on ties, the "
+        "smallest C)",
     )
-    max_iter: int = Field(2000, ge=10, description="L-BFGS iterations")
+    c: float = Field(
+        1.0,
+        gt=0,
+        description="C when nothing is selected (selection fixed; scikit-learn's default)",
+    )
+    max_iter: int = Field(200, ge=10, description="Newton (or L-BFGS) iterations per C")
 
 
-def head_from_logistic(clf: LogisticRegression, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """(K, D) weights and (K,) bias whose softmax equals ``clf.predict_proba``.
-
-    For two classes scikit-learn keeps one row w: softmax([0, w.x + b]) = sigmoid(w.x + b).
-    """
-    coef, intercept = clf.coef_, clf.intercept_
-    if coef.shape[0] == 1:
-        coef = np.vstack([np.zeros_like(coef), coef])
-        intercept = np.concatenate([[0.0], intercept])
-    w = np.zeros((num_classes, coef.shape[1]))
-    b = np.full(num_classes, -1e4)  # classes absent from training can never be predicted
-    w[clf.classes_] = coef
-    b[clf.classes_] = intercept
-    return w, b
+def _scores(fits: list, x: np.ndarray, y: np.ndarray, folds: np.ndarray | None) -> list[float]:
+    """Balanced accuracy per C: of the held-out predictions pooled over folds, or on (x, y)."""
+    out = []
+    for fit in fits:
+        if folds is None:
+            pred = fit.logits(x, 0).argmax(1)
+        else:
+            pred = np.empty(len(y), dtype=np.int64)
+            for f in range(int(folds.max()) + 1):
+                held = folds == f
+                pred[held] = fit.logits(x[held], f).argmax(1)
+        out.append(balanced_accuracy(y, np.eye(fits[0].weight.shape[2])[pred]))
+    return out
 
 
 @METHODS.register("linear-probe")
@@ -48,6 +62,7 @@ class LinearProbe(FrozenFeatureMethod):
 
     name = "linear-probe"
     Options = ProbeOptions
+    cross_validates = True
 
     def fit_head(
         self,
@@ -59,33 +74,43 @@ class LinearProbe(FrozenFeatureMethod):
         ctx: Context,
     ) -> tuple[nn.Linear, dict[str, Any]]:
         xtr, ytr = support.x, support.y
-        if len(np.unique(ytr)) < 2:
+        counts = np.bincount(ytr)
+        if (counts > 0).sum() < 2:
             raise IncompatibleError(f"linear-probe: {data.name} holds a single class")
-        scores: dict[float, float] = {}
-        best_c, best = options.c_grid[0], -np.inf
-        if val is not None and len(options.c_grid) > 1:
-            for c in options.c_grid:
-                lr = LogisticRegression(C=c, max_iter=options.max_iter).fit(xtr, ytr)
-                scores[c] = s = balanced_accuracy(val.y, _full_proba(lr, val.x, data.num_classes))
-                if s > best:
-                    best, best_c = s, c
-        lr = LogisticRegression(C=best_c, max_iter=options.max_iter).fit(xtr, ytr)
-        w, b = head_from_logistic(lr, data.num_classes)
+        selection = options.selection
+        if selection == "auto":  # called directly: choose as the budget would
+            selection = "validation" if val is not None else "support-cv"
+            if selection == "support-cv" and counts[counts > 0].min() < 2:
+                selection = "fixed"
+        if selection in ("validation", "kshot-val") and val is None:
+            selection = "fixed"  # no validation data (e.g. a dataset without a val split)
+        summary: dict[str, Any] = {"selection": selection}
+        grid = sorted(set(options.c_grid)) if selection != "fixed" else [options.c]
+        folds = None
+        masks = np.ones((1, len(ytr)), bool)
+        if selection == "support-cv":
+            n_folds = n_cv_folds(ytr, options.cv_folds)
+            folds = stratified_folds(ytr, n_folds, ctx.seed)
+            masks = np.vstack([folds[None] != np.arange(n_folds)[:, None], masks])
+            summary["cv_folds"] = n_folds
+        fits = logistic_path(xtr, ytr, data.num_classes, grid, masks, max_iter=options.max_iter)
+        best = 0
+        if selection == "support-cv":
+            scores = _scores(fits, xtr, ytr, folds)
+        elif selection != "fixed":
+            scores = _scores(fits, val.x, val.y, None)
+        if selection != "fixed":
+            best = int(np.argmax(scores))  # the first best: the smallest C on ties
+            key = "cv_balanced_accuracy_by_C" if folds is not None else "val_balanced_accuracy_by_C"
+            summary[key] = {str(c): s for c, s in zip(grid, scores, strict=True)}
+        final = fits[best]
+        w, b = final.weight[-1].T, final.bias[-1]
         head = nn.Linear(w.shape[1], data.num_classes)
         with torch.no_grad():
             head.weight.copy_(torch.as_tensor(w))
             head.bias.copy_(torch.as_tensor(b))
-        summary = {
-            "C": best_c,
-            "val_balanced_accuracy_by_C": {str(k): v for k, v in scores.items()},
-        }
+        summary.update(C=grid[best], iterations=[f.iterations for f in fits])
         return head, summary
 
     def load_adapted(self, model: ImageClassifier, state: dict[str, torch.Tensor]) -> None:
         FitMethod.load_adapted(self, model, state)  # the head is a plain nn.Linear
-
-
-def _full_proba(lr: LogisticRegression, x: np.ndarray, num_classes: int) -> np.ndarray:
-    p = np.zeros((len(x), num_classes))
-    p[:, lr.classes_] = lr.predict_proba(x)
-    return p
