@@ -118,20 +118,3 @@ def binary_operating_point(
     elif threshold is None:
         threshold, chosen_on = 0.5, "default"
     return {"chosen_on": chosen_on, **operating_point(labels == 1, probs[:, 1], threshold)}
-
-
-def metrics_at_operating_point(
-    labels: np.ndarray,
-    probs: np.ndarray,
-    task: str,
-    *,
-    threshold: float | None = None,
-    target_sensitivity: float = 0.9,
-    val: tuple[np.ndarray, np.ndarray] | None = None,
-) -> dict[str, float]:
-    """The headline metrics of ``evaluate`` alone (no subgroups, CIs or selective prediction)."""
-    metrics = compute_metrics(labels, probs, task)
-    op = binary_operating_point(labels, probs, task, threshold, target_sensitivity, val)
-    if op is not None:
-        metrics.update(sensitivity=op["sensitivity"], specificity=op["specificity"])
-    return metrics
