@@ -46,6 +46,10 @@ def test_corruption_protocol_tests_clean_and_each_pair(small_shift):
     assert np.array_equal(view.image(i), expected)
     assert np.array_equal(view.labels, clean.labels)
     assert parse_set_name("jpeg@5") == ("jpeg", 5) and parse_set_name("site-a") is None
+    # the record says what each severity is and where its level comes from
+    opts = split.describe()["options"]
+    assert opts["levels"] == {"jpeg": {"2": 30, "5": 7}, "blur": {"2": 1.1, "5": 2.0}}
+    assert opts["calibration"]["jpeg"].startswith("MedMNIST-C")
     # defaults: every corruption of the modality, severities 1..5
     full = apply_shift(small_shift, "corruption")
     assert len(full.tests) == 1 + 7 * 5

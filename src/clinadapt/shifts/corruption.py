@@ -53,7 +53,15 @@ def corruption_shift(
     for n in names:
         for s in sevs:
             tests[corruption_set_name(n, s)] = corrupted(clean, n, s, seed)
-    opts = {"corruptions": names, "severities": sevs, "source": source, "key": key}
+    opts = {
+        "corruptions": names,
+        "severities": sevs,
+        "source": source,
+        "key": key,
+        # what each severity is, and where the levels come from (MedMNIST-C or the SSIM band)
+        "levels": {n: {str(s): get_corruption(n).level(s) for s in sevs} for n in names},
+        "calibration": {n: get_corruption(n).calibration for n in names},
+    }
     return ShiftSplit(
         "corruption", ds.split("train"), val_or_none(ds, split="val"), tests, [CLEAN], opts
     )

@@ -30,6 +30,8 @@ class Corruption:
     modalities: tuple[str, ...]
     colour: bool = False  # works on RGB; grey images go through RGB and back
     help: str = ""
+    # where the levels come from: a MedMNIST-C parameter table, or "ssim-band" (calibration.py)
+    calibration: str = "ssim-band"
 
     def level(self, severity: int) -> object:
         """The parameter of ``severity`` (1..5)."""
@@ -45,11 +47,14 @@ def register_corruption(
     levels: Sequence,
     colour: bool = False,
     modalities: Sequence[str] | None = None,
+    calibration: str = "ssim-band",
 ) -> Callable[[CorruptionFn], CorruptionFn]:
     """Register a corruption function under ``name`` (refuses duplicates).
 
     A corruption declared in ``corruptions.json`` takes its modalities and help from there; one
     registered only in code (a user's own) gives ``modalities`` and its docstring is the help.
+    ``calibration`` says where ``levels`` come from: a published table (MedMNIST-C's, for the
+    same modality) or ``"ssim-band"``, the rule of :mod:`.calibration`.
     """
     if len(levels) != len(SEVERITIES):
         raise ValueError(f"corruption {name!r} needs {len(SEVERITIES)} levels, got {len(levels)}")
@@ -58,14 +63,15 @@ def register_corruption(
         if name in CORRUPTIONS:  # declared
             entry = CORRUPTIONS.entry(name)
             CORRUPTIONS.register(
-                name, Corruption(name, fn, tuple(levels), entry.tags, colour, entry.help)
+                name,
+                Corruption(name, fn, tuple(levels), entry.tags, colour, entry.help, calibration),
             )
             return fn
         if not modalities:
             raise ValueError(f"corruption {name!r} is not declared; give its modalities")
         doc = (fn.__doc__ or "").strip().splitlines()
         help = doc[0] if doc else ""
-        c = Corruption(name, fn, tuple(levels), tuple(modalities), colour, help)
+        c = Corruption(name, fn, tuple(levels), tuple(modalities), colour, help, calibration)
         CORRUPTIONS.register(name, c, help=help, tags=tuple(modalities))
         return fn
 
@@ -117,7 +123,14 @@ def corrupt(
 ) -> np.ndarray:
     """Apply corruption ``name`` at ``severity`` to a uint8 image; same input, same output."""
     c = get_corruption(name)
-    level = c.level(severity)
+    return apply_level(image, c, c.level(severity), seed, position)
+
+
+def apply_level(
+    image: np.ndarray, c: Corruption, level: object, seed: int = 0, position: int = 0
+) -> np.ndarray:
+    """Apply corruption ``c`` with parameter ``level`` (any value, e.g. while calibrating)."""
+    name = c.name
     img = np.asarray(image)
     if img.dtype != np.uint8:
         raise DataError(f"corruption {name!r} expects uint8 pixels, got {img.dtype}")

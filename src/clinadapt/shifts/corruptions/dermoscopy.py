@@ -7,11 +7,13 @@ import numpy as np
 from clinadapt.shifts.corruptions._ops import draw_curves, grid, size_scale, spatial
 from clinadapt.shifts.corruptions.base import register_corruption
 
-HAIR_COUNTS = (2, 4, 7, 10, 14)
+# DermaMNIST's MedMNIST-C artefacts (noise, blurs, brightness, black corner, characters) are
+# not these: all levels here follow the SSIM-band rule (calibration.py).
+HAIR_LENGTHS = (0.002, 0.15, 0.6, 1.05, 1.85)  # image sides of hair
 HAIR_COLOUR = np.array([0.16, 0.1, 0.06])  # dark brown
 
 
-@register_corruption("lighting", (0.2, 0.35, 0.5, 0.65, 0.8), colour=True)
+@register_corruption("lighting", (0.21, 0.42, 0.63, 0.81, 0.98), colour=True)
 def lighting(img: np.ndarray, a: float, rng: np.random.Generator) -> np.ndarray:
     """Light falling off across the field from a tilted or one-sided illuminator."""
     x, y = grid(img)
@@ -20,7 +22,7 @@ def lighting(img: np.ndarray, a: float, rng: np.random.Generator) -> np.ndarray:
     return img * spatial(1.0 + a * ramp, img)
 
 
-@register_corruption("colour-cast", (0.08, 0.16, 0.25, 0.35, 0.5), colour=True)
+@register_corruption("colour-cast", (0.14, 0.27, 0.40, 0.51, 0.61), colour=True)
 def colour_cast(img: np.ndarray, a: float, rng: np.random.Generator) -> np.ndarray:
     """A white-balance error: each channel scaled along one random colour direction."""
     v = rng.normal(0.0, 1.0, 3)
@@ -29,14 +31,19 @@ def colour_cast(img: np.ndarray, a: float, rng: np.random.Generator) -> np.ndarr
     return img * (1.0 + a * v)
 
 
-@register_corruption("hair", HAIR_COUNTS, colour=True)
-def hair(img: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """Dark, thin, curved hairs across the lesion; higher severities add hairs."""
+@register_corruption("hair", HAIR_LENGTHS, colour=True)
+def hair(img: np.ndarray, length: float, rng: np.random.Generator) -> np.ndarray:
+    """Dark, thin, curved hairs across the lesion; higher severities add hairs.
+
+    ``length`` image sides of hair in all: hairs are drawn whole, one after another, the last one in part; the same draws serve every
+    severity, so a higher severity adds hair to what a lower one shows.
+    """
     h, w = img.shape[:2]
     curves = []
     t = np.linspace(0, 1, 4 * max(h, w))[:, None]
-    for _ in range(max(HAIR_COUNTS)):  # always draw all, use the first n: nested severities
+    for k in range(int(np.ceil(max(HAIR_LENGTHS)))):
         p0, p1, p2 = rng.uniform(0, 1, (3, 2)) * [h, w]
-        curves.append((1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t**2 * p2)
-    mask = draw_curves((h, w), curves[:n], max(1.0, 2 * size_scale(img, 64)))
+        part = t[: round(len(t) * np.clip(length - k, 0.0, 1.0))]
+        curves.append((1 - part) ** 2 * p0 + 2 * (1 - part) * part * p1 + part**2 * p2)
+    mask = draw_curves((h, w), [c for c in curves if len(c)], max(1.0, 2 * size_scale(img, 64)))
     return img * (1 - mask[..., None]) + HAIR_COLOUR * mask[..., None]

@@ -18,7 +18,9 @@ RGB_FROM_HED = np.array(
 )
 HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED)
 _MIN_INTENSITY = 1.0 / 255.0
-BUBBLE_COUNTS = (1, 2, 3, 5, 7)
+# PathMNIST's MedMNIST-C stain_deposit and bubble are other operations: stain and bubbles
+# follow the SSIM-band rule (calibration.py); JPEG and blur are shared (xray.py).
+BUBBLES = (0.058, 0.45, 0.95, 1.5, 2.1)  # bubbles, the last one partly grown
 
 
 def rgb_to_hed(rgb: np.ndarray) -> np.ndarray:
@@ -32,7 +34,7 @@ def hed_to_rgb(hed: np.ndarray) -> np.ndarray:
     return np.exp(-(hed @ RGB_FROM_HED))
 
 
-@register_corruption("stain", (0.1, 0.18, 0.26, 0.35, 0.45), colour=True)
+@register_corruption("stain", (0.21, 0.43, 0.65, 0.83, 0.98), colour=True)
 def stain(img: np.ndarray, a: float, rng: np.random.Generator) -> np.ndarray:
     """Stain variation: each stain's amount scaled and shifted (a different lab or batch).
 
@@ -45,14 +47,21 @@ def stain(img: np.ndarray, a: float, rng: np.random.Generator) -> np.ndarray:
     return hed_to_rgb(hed * (1.0 + a * scale) + a * 0.5 * shift)
 
 
-@register_corruption("bubbles", BUBBLE_COUNTS, colour=True)
-def bubbles(img: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """Air bubbles under the coverslip: pale discs with a dark refractive rim."""
+@register_corruption("bubbles", BUBBLES, colour=True)
+def bubbles(img: np.ndarray, amount: float, rng: np.random.Generator) -> np.ndarray:
+    """Air bubbles under the coverslip: pale discs with a dark refractive rim.
+
+    ``amount`` bubbles, the last one partly grown (its radius times the fraction); the same
+    draws serve every severity, so a higher severity adds to what a lower one shows.
+    """
     x, y = grid(img)
     out = img.copy()
-    params = rng.uniform(0, 1, (max(BUBBLE_COUNTS), 3))  # nested: severity k adds bubbles
-    for cx, cy, r in params[:n]:
-        cx, cy, r = 1.6 * cx - 0.8, 1.6 * cy - 0.8, 0.12 + 0.25 * r
+    params = rng.uniform(0, 1, (int(np.ceil(max(BUBBLES))), 3))
+    for k, (cx, cy, r) in enumerate(params):
+        grown = float(np.clip(amount - k, 0.0, 1.0))
+        if grown == 0.0:
+            break
+        cx, cy, r = 1.6 * cx - 0.8, 1.6 * cy - 0.8, (0.12 + 0.25 * r) * grown
         d = np.sqrt((x - cx) ** 2 + (y - cy) ** 2)
         inside = np.clip((r - d) / 0.03, 0, 1)[..., None]
         rim = np.exp(-((d - r) ** 2) / (2 * 0.02**2))[..., None]
