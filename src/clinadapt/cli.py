@@ -263,8 +263,11 @@ def corruptions(name: Name = None, as_json: AsJson = False) -> None:
     )
 
 
-def print_results(records: list[dict[str, Any]], metric: str = "balanced_accuracy") -> None:
+def print_results(records: list[dict[str, Any]], metric: str | None = None) -> None:
     from clinadapt.evaluation.report import results_table
+    from clinadapt.tasks.base import headline_metric
+
+    metric = metric or headline_metric(records)
 
     header, rows = results_table(records, metric)
     table = Table(title=f"{metric.replace('_', ' ')} per test set")

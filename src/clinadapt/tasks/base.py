@@ -45,6 +45,8 @@ class Task(abc.ABC):
     name: ClassVar[str]
     #: headline metrics of the record's ``summary`` (in-domain, shifted, worst set)
     summary_metrics: ClassVar[tuple[str, ...]]
+    #: the one metric a short table of this task's runs shows
+    headline: ClassVar[str]
     #: per-test-set parts of an evaluation the record keeps besides ``metrics``
     evaluation_parts: ClassVar[tuple[str, ...]]
     #: report panels (names in the report's panel registry) that show this task's records
@@ -94,6 +96,14 @@ def task_for(data: ClinicalDataset) -> Task:
     from clinadapt import tasks  # noqa: F401  (registers the tasks)
 
     return TASKS.get(task_of(data))()
+
+
+def headline_metric(records: list[dict[str, Any]]) -> str:
+    """The headline metric of the records' task (the first record's; classification if old)."""
+    from clinadapt import tasks  # noqa: F401
+
+    name = (records[0].get("task") or "classification") if records else "classification"
+    return TASKS.get(name).headline
 
 
 def method_task(method: str) -> str:

@@ -19,6 +19,7 @@ _NOT_CLASSIFICATION = ("nsd_tolerance_mm", "size_edges_mm")
 class ClassificationTask(Task):
     name = "classification"
     summary_metrics = ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "ece")
+    headline = "balanced_accuracy"
     # a test-time run also holds, per set, its unadapted source's metrics and the change
     evaluation_parts = (
         "subgroups",

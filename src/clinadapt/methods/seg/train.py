@@ -56,24 +56,6 @@ def _encoder_trainable(seg: Segmenter) -> bool:
     return any(p.requires_grad for m in seg.encoder_modules() for p in m.parameters())
 
 
-def draw_prompts(spec: Any, label_map: np.ndarray, rng: np.random.Generator) -> Any:
-    """Fresh prompts of the run's protocol for one training step (MedSAM re-draws the box
-    jitter every time it loads an image); evaluation uses the fixed per-image ones instead."""
-    from clinadapt.segmentation import prompts_from_mask
-
-    return prompts_from_mask(
-        label_map,
-        spec.kind,
-        per=spec.per,
-        jitter=spec.jitter,
-        k=spec.k,
-        negatives=spec.negatives,
-        point_mode=spec.point_mode,
-        classes=spec.classes,
-        seed=rng,
-    )
-
-
 def _step_loss(
     seg: Segmenter,
     images: list[np.ndarray],
@@ -106,7 +88,7 @@ def _step_loss(
             prompts = Prompts()
             targets = np.stack([ref == c for c in range(1, seg.default_prompt.num_classes + 1)])
         else:
-            d = draw_prompts(spec, ref, rng)
+            d = spec.draw(ref, rng)
             if d.prompts.count == 0:
                 continue  # nothing to prompt on this image
             pick = (
