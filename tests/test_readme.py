@@ -36,7 +36,7 @@ def test_readme_names_the_two_setup_commands():
 
 
 @pytest.mark.slow
-def test_readme_tour_runs_as_written(tmp_path):
+def test_readme_tour_runs_as_written(tmp_path, monkeypatch):
     env = {**os.environ, "CLINADAPT_QUIET": "1", "COLUMNS": "200"}
     commands = [c for b in _blocks("bash")[2:] for c in _commands(b)]
     assert len(commands) >= 8, commands
@@ -48,6 +48,9 @@ def test_readme_tour_runs_as_written(tmp_path):
         )
         assert proc.returncode == 0, f"clinadapt {' '.join(args)}:\n{proc.stdout}\n{proc.stderr}"
     assert (tmp_path / "clinadapt-runs" / "report.html").exists()
+    monkeypatch.chdir(tmp_path)  # Python blocks after the first read what the tour wrote
+    for code in _blocks("python")[1:]:
+        exec(compile(code, "README.md", "exec"), {})
 
 
 @pytest.mark.slow

@@ -50,12 +50,19 @@ def list_targets() -> list[str]:
     return TARGETS.names()
 
 
-def run(config=None, **overrides):
-    """Run one experiment from a YAML path and/or field overrides; returns the result record."""
-    from clinadapt.config import load_config
-    from clinadapt.runner import run_experiment
+def run(config=None, *, model=None, data=None, **overrides):
+    """Run one experiment from a YAML path and/or field overrides; returns the result record.
 
-    return run_experiment(load_config(config, **overrides))
+    ``model`` and ``data`` take names (``"tiny-vit"``, ``"clinical-shift"``, a path) or the
+    objects :func:`load_model` and :func:`load_dataset` return. An object is used as it is (the
+    model is copied, never changed); the record names it with a digest of its weights or
+    images, so two different objects never share a run id or a cached fit.
+    """
+    from clinadapt.config import load_config
+    from clinadapt.runner import object_overrides, run_experiment
+
+    names, objects = object_overrides(model, data)
+    return run_experiment(load_config(config, **{**overrides, **names}), **objects)
 
 
 __all__ = [

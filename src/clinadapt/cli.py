@@ -36,6 +36,16 @@ def _bold(text: object) -> Text:
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars or status lines")]
 AsJson = Annotated[bool, typer.Option("--json", help="print machine-readable JSON on stdout")]
+Device = Annotated[
+    str | None,
+    typer.Option(help="torch device: auto (the default: cuda, else mps, else cpu), cpu, cuda, mps"),
+]
+PrecisionOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="fp32 (default), or mixed precision: bf16 (CPU or GPU) or fp16 (GPU, loss scaled)"
+    ),
+]
 Settings = Annotated[
     list[str] | None,
     typer.Option(
@@ -116,31 +126,31 @@ Name = Annotated[str | None, typer.Argument(help="show one entry with its option
 
 
 @app.command()
-def models(name: Name = None, as_json: AsJson = False) -> None:
+def models(name: Name = None, quiet: Quiet = False, as_json: AsJson = False) -> None:
     """List the registered models (tiny-* ones are randomly initialised test configurations)."""
     _catalog("models", name, as_json, "models", lambda e: e["help"])
 
 
 @app.command()
-def datasets(name: Name = None, as_json: AsJson = False) -> None:
+def datasets(name: Name = None, quiet: Quiet = False, as_json: AsJson = False) -> None:
     """List the registered datasets (paths to folders, CSVs, .npz and NIfTI also work)."""
     _catalog("datasets", name, as_json, "datasets", lambda e: e["help"])
 
 
 @app.command()
-def methods(name: Name = None, as_json: AsJson = False) -> None:
+def methods(name: Name = None, quiet: Quiet = False, as_json: AsJson = False) -> None:
     """List the registered methods (how to adapt), or one method's options."""
     _catalog("methods", name, as_json, "methods", lambda e: f"[{e['kind']}] {e['help']}")
 
 
 @app.command()
-def targets(name: Name = None, as_json: AsJson = False) -> None:
+def targets(name: Name = None, quiet: Quiet = False, as_json: AsJson = False) -> None:
     """List the registered targets (what to adapt), or one target's options."""
     _catalog("targets", name, as_json, "targets", lambda e: e["help"])
 
 
 @app.command()
-def segmenters(name: Name = None, as_json: AsJson = False) -> None:
+def segmenters(name: Name = None, quiet: Quiet = False, as_json: AsJson = False) -> None:
     """List the promptable segmenters (SAM, MedSAM, SAM 2; tiny-* are random test ones)."""
     _catalog("segmenters", name, as_json, "segmenters", lambda e: e["help"])
 
@@ -246,13 +256,13 @@ def segment(
 
 
 @app.command()
-def shifts(name: Name = None, as_json: AsJson = False) -> None:
+def shifts(name: Name = None, quiet: Quiet = False, as_json: AsJson = False) -> None:
     """List the registered shift protocols, or one protocol's options."""
     _catalog("shifts", name, as_json, "shift protocols", lambda e: e["help"])
 
 
 @app.command()
-def corruptions(name: Name = None, as_json: AsJson = False) -> None:
+def corruptions(name: Name = None, quiet: Quiet = False, as_json: AsJson = False) -> None:
     """List the acquisition artefacts of the corruption shift, with the modalities they fit."""
     _catalog(
         "corruptions",
@@ -294,7 +304,8 @@ def run(
     shift: Annotated[str | None, typer.Option(help="shift protocol, e.g. domain, none")] = None,
     seed: Annotated[int | None, typer.Option(help="seed")] = None,
     weights: Annotated[str | None, typer.Option(help="local weights file or directory")] = None,
-    device: Annotated[str | None, typer.Option(help="torch device (cpu, cuda)")] = None,
+    device: Device = None,
+    precision: PrecisionOpt = None,
     out: Annotated[str | None, typer.Option("--out", help="directory for result records")] = None,
     option: Settings = None,
     quiet: Quiet = False,
@@ -315,6 +326,7 @@ def run(
         "seed": seed,
         "weights": weights,
         "device": device,
+        "precision": precision,
         "out_dir": out,
     }
     cfg = load_config(config, option or [], **overrides)
@@ -356,7 +368,8 @@ def fewshot(
         str, typer.Option(help="table column values: shifted, in_domain, worst or a test set name")
     ] = "shifted",
     weights: Annotated[str | None, typer.Option(help="local weights file or directory")] = None,
-    device: Annotated[str | None, typer.Option(help="torch device (cpu, cuda)")] = None,
+    device: Device = None,
+    precision: PrecisionOpt = None,
     out: Annotated[str, typer.Option("--out", help="directory for result records")] = (
         "clinadapt-fewshot"
     ),
@@ -381,6 +394,7 @@ def fewshot(
         "shift": shift,
         "weights": weights,
         "device": device,
+        "precision": precision,
         "out_dir": out,
     }
     base = load_config(None, option or [], **overrides)
@@ -597,7 +611,8 @@ def pretrain(
         bool, typer.Option("--scratch", help="random initialisation instead of published weights")
     ] = False,
     seed: Annotated[int, typer.Option(help="seed")] = 0,
-    device: Annotated[str, typer.Option(help="torch device (cpu, cuda)")] = "cpu",
+    device: Device = None,
+    precision: PrecisionOpt = None,
     option: Settings = None,
     quiet: Quiet = False,
     as_json: AsJson = False,
@@ -626,6 +641,7 @@ def pretrain(
         "pretrained": not scratch,
         "seed": seed,
         "device": device,
+        "precision": precision,
     }
     fields = apply_settings({k: v for k, v in fields.items() if v is not None}, option or [])
     summary = run_pretrain(make_config(**fields))
@@ -663,6 +679,53 @@ def pretrain(
             "weights: ", _bold(summary["weights"]), f"  (load_model({model!r}, weights=...))"
         )
     )
+
+
+@app.command()
+def export(
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="a result record (<run_id>.json), an adapted-weights file (.safetensors), or a "
+            "run id in --runs"
+        ),
+    ],
+    fmt: Annotated[
+        str | None,
+        typer.Option(
+            "--format",
+            help="timm, open_clip, transformers or peft (default: the model's own library)",
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="folder to write (default: <source>-<format> beside it)"),
+    ] = None,
+    runs: Annotated[Path, typer.Option("--runs", help="where to look up a run id")] = Path(
+        "clinadapt-runs"
+    ),
+    quiet: Quiet = False,
+    as_json: AsJson = False,
+) -> None:
+    """Write an adapted model in its library's own format (LoRA merged, or a PEFT adapter), with
+    the class names, the head and the preprocessing in its metadata."""
+    from clinadapt.export import export_model
+    from clinadapt.progress import set_quiet
+
+    set_quiet(quiet or as_json)
+    path = Path(source)
+    if not path.exists() and (runs / f"{source}.json").is_file():
+        path = runs / f"{source}.json"
+    meta = export_model(path, fmt, out)
+    if as_json:
+        print(json.dumps(meta, indent=2, default=str))
+        return
+    console.print(
+        f"exported {meta['base_model']['name']} ({meta['format']}) to", _bold(meta["folder"])
+    )
+    for file in meta["files"]:
+        console.print(f"  {file}", soft_wrap=True)
+    console.print(f"load with: {meta['load']}", soft_wrap=True)
 
 
 def _print_error(kind: str, message: str, as_json: bool) -> None:

@@ -22,9 +22,12 @@ YAML_VALUE_LIMIT = 100_000
 
 
 class SourceConfig(BaseModel):
-    """How the source model is trained before a test-time method adapts it."""
+    """How the source model is trained before a test-time method adapts it, or where a model
+    fitted earlier is read from (``from``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid", validate_by_name=True, validate_by_alias=True, serialize_by_alias=True
+    )
     method: str = Field(
         None,  # type: ignore[assignment]
         description="fit method that trains the source model (default: finetune, or "
@@ -34,6 +37,12 @@ class SourceConfig(BaseModel):
         None, description="what the source training updates (default: that method's own)"
     )
     options: dict[str, Any] = Field(default_factory=dict, description="options of that method")
+    from_: str | None = Field(
+        None,
+        alias="from",
+        description="adapt (or, with method source, evaluate) a model fitted earlier instead of "
+        "training one: a result record (.json) or an adapted-weights file (.safetensors)",
+    )
 
 
 class EvaluationConfig(BaseModel):
@@ -145,7 +154,14 @@ class RunConfig(BaseModel):
         description="at evaluation, sharpen ViT attention and output softmax with the "
         "entropy-based adaptive temperature of Velickovic et al. (ICML 2025); no training",
     )
-    device: str = Field("cpu", description="torch device, e.g. cpu or cuda")
+    device: str = Field(
+        "auto", description="torch device: auto (cuda, else mps, else cpu), cpu, cuda, cuda:1, mps"
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32",
+        description="fp32, or mixed precision: bf16 (CPU or GPU) or fp16 (GPU, loss scaled) "
+        "autocast for training, test-time adaptation and inference",
+    )
     out_dir: str = Field("clinadapt-runs", description="where result records are written")
 
     @model_validator(mode="after")
@@ -169,9 +185,15 @@ class RunConfig(BaseModel):
         return self
 
     def identity(self) -> dict[str, Any]:
-        """The fields that define the experiment (not where its results go)."""
-        exclude = {"out_dir", "device"} | ({"prompt"} if self.prompt is None else set())
-        return self.model_dump(exclude=exclude)
+        """The fields that define the experiment (not where its results go or which device ran
+        it). Fields added later are left out at their defaults, so earlier run ids still hold."""
+        exclude: set[str] = {"out_dir", "device"} | ({"prompt"} if self.prompt is None else set())
+        if self.precision == "fp32":
+            exclude.add("precision")
+        data = self.model_dump(exclude=exclude)
+        if self.source.from_ is None:
+            data["source"].pop("from", None)
+        return data
 
     def run_id(self) -> str:
         digest = hashlib.sha256(json.dumps(self.identity(), sort_keys=True, default=str).encode())

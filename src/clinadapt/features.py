@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from clinadapt.classifier import ImageClassifier
+from clinadapt.compute import active_autocast
 from clinadapt.data.base import ClinicalDataset
 from clinadapt.errors import DataError
 from clinadapt.progress import progress, status
@@ -61,6 +62,9 @@ def feature_key(model: ImageClassifier, ds: ClinicalDataset) -> str:
         "preprocess": enc.preprocess.to_dict(),
         "data": ds.fingerprint(),
     }
+    dtype = active_autocast(str(next(model.parameters()).device))
+    if dtype is not None:  # features computed under mixed precision are other features
+        ident["autocast"] = dtype
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from clinadapt.compute import autocast, check_precision, resolve_device
+from clinadapt.compute import describe as describe_compute
 from clinadapt.config import RunConfig
 from clinadapt.data import load_dataset
 from clinadapt.data.base import ClinicalDataset
@@ -159,6 +161,11 @@ def run_fewshot_sweep(
     the backbone (which matters only for randomly initialised models).
     """
     t0 = time.perf_counter()
+    requested = base.device
+    device = resolve_device(requested)
+    check_precision(base.precision, device)
+    base = base.model_copy(update={"device": device})
+    compute = describe_compute(requested, device, base.precision)
     configs = run_configs(base, list(methods), list(shots), list(seeds), method_options)
     out = Path(base.out_dir)
     cache = FeatureCache(resolve_cache_dir(out / "cache" / "features"))
@@ -179,7 +186,8 @@ def run_fewshot_sweep(
     try:
         for cfg in configs:
             if cfg.run_id() in todo_ids:
-                records.append(_run_one(cfg, emb))
+                with autocast(device, base.precision):  # the embedding pass runs in here
+                    records.append(_run_one(cfg, emb, compute))
             else:
                 records.append(done[cfg.run_id()])
             pbar.update(1)
@@ -197,7 +205,7 @@ def run_fewshot_sweep(
     return SweepResult(records, cache.stats(), timings, skipped)
 
 
-def _run_one(cfg: RunConfig, emb: _Embedded) -> dict[str, Any]:
+def _run_one(cfg: RunConfig, emb: _Embedded, compute: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     method = frozen_method(cfg.method)
     opts = method.parse_options(cfg.method_options)
@@ -264,6 +272,7 @@ def _run_one(cfg: RunConfig, emb: _Embedded) -> dict[str, Any]:
         evaluations=evals,
         timings={"fit_s": fit_s, "evaluate_s": evaluate_s},
         run_versions=emb.versions,
+        compute=compute,
         **outcome.parts,
     ).to_dict()
     task.write(cfg.out_dir, record, outcome)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -14,15 +15,19 @@ import torch
 from safetensors.torch import load_file
 
 from clinadapt.classifier import ImageClassifier
+from clinadapt.compute import check_precision, resolve_device
+from clinadapt.compute import describe as describe_compute
 from clinadapt.config import RunConfig
 from clinadapt.data import load_dataset
 from clinadapt.data.base import ClinicalDataset
 from clinadapt.errors import ConfigError, IncompatibleError
+from clinadapt.fitted import classifier_metadata, load_fitted
 from clinadapt.methods import METHODS, Context, FitMethod, Method, TTAMethod, predict_proba
 from clinadapt.methods.budget import LabelledBudget
 from clinadapt.methods.tta.protocol import order_stream, run_tta, source_method_for
 from clinadapt.models import load_model
-from clinadapt.progress import status
+from clinadapt.models.base import FoundationModel
+from clinadapt.progress import status, status_once
 from clinadapt.record import build_record, summarise, versions
 from clinadapt.shifts import ShiftSplit, apply_shift
 from clinadapt.targets import (
@@ -35,14 +40,48 @@ from clinadapt.tasks.base import Outcome, task_for
 
 
 def build_classifier(
-    cfg: RunConfig, num_classes: int, class_names: list[str] | None = None
+    cfg: RunConfig,
+    num_classes: int,
+    class_names: list[str] | None = None,
+    encoder: FoundationModel | None = None,
 ) -> ImageClassifier:
-    """The backbone of ``cfg`` with a fresh head, initialised from ``cfg.seed``."""
+    """The backbone of ``cfg`` (or a copy of ``encoder``) with a fresh head from ``cfg.seed``."""
     torch.manual_seed(cfg.seed)
-    encoder = load_model(
-        cfg.model, weights=cfg.weights, pretrained=cfg.pretrained, **cfg.model_options
-    )
+    if encoder is not None:
+        encoder = copy.deepcopy(encoder)
+    else:
+        encoder = load_model(
+            cfg.model, weights=cfg.weights, pretrained=cfg.pretrained, **cfg.model_options
+        )
     return ImageClassifier(encoder, num_classes, class_names).to(cfg.device)
+
+
+def object_overrides(model: Any = None, data: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Config fields naming ``model``/``data`` and the objects to use, for each given as an
+    object (names pass through). An object is named with a digest of its weights or images, so
+    a different object never reuses another's run id or cached fit."""
+    from clinadapt.data.base import ClinicalDataset
+    from clinadapt.models.base import FoundationModel
+
+    names: dict[str, Any] = {}
+    objects: dict[str, Any] = {}
+    if isinstance(model, FoundationModel):
+        h = hashlib.sha256()
+        for key, t in sorted(model.state_dict().items()):
+            t = t.detach().cpu().contiguous().reshape(-1)
+            h.update(f"{key}|{t.dtype}|{t.numel()}".encode())
+            h.update(t.view(torch.uint8).numpy().data)
+        names.update(model=model.name, weights=f"object:{h.hexdigest()[:16]}")
+        names["model_options"] = dict(model.options) or None
+        objects["encoder"] = model
+    elif model is not None:
+        names["model"] = model
+    if isinstance(data, ClinicalDataset):
+        names["data"] = f"{data.name}@{data.fingerprint()[:12]}"
+        objects["dataset"] = data
+    elif data is not None:
+        names["data"] = data
+    return names, objects
 
 
 def unlabelled_targets(split: ShiftSplit) -> dict[str, ClinicalDataset]:
@@ -82,6 +121,8 @@ def _fit_key(
         "seed": cfg.seed,
         "batch_size": cfg.batch_size,
     }
+    if cfg.precision != "fp32":  # a model trained at another precision is another model
+        ident["precision"] = cfg.precision
     if unlabelled:
         ident["unlabelled"] = {k: v.fingerprint() for k, v in sorted(unlabelled.items())}
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -117,26 +158,30 @@ def fit_source(
     if method.reads_labels:
         split.train.require_classes()
     target = target or method.default_target
-    model = build_classifier(cfg, split.train.num_classes, split.train.class_names)
+    model = build_classifier(
+        cfg, split.train.num_classes, split.train.class_names, encoder=ctx.encoder
+    )
     info = apply_target(model, target, cfg.target_options if method_name == cfg.method else None)
     # domain-adaptation methods (dapl) also see the shifted test images, without labels
     unlabelled = unlabelled_targets(split) if method.uses_unlabelled else {}
-    if unlabelled:
-        ctx = dataclasses.replace(ctx, unlabelled=unlabelled)
+    ctx = dataclasses.replace(ctx, unlabelled=unlabelled, target=info)
     budget = method.labelled_budget(split.train, split.val, opts, ctx.seed)
     key = _fit_key(cfg, method_name, target, opts.model_dump(), split.train, unlabelled)
     ckpt = Path(cfg.out_dir) / "cache" / f"fit-{key}.safetensors"
+    weights = f"cache/{ckpt.name}"  # the record's link to the fitted model, beside the record
     if ckpt.exists():
-        status(f"reusing trained model {ckpt.name}")
+        status_once(f"reusing trained model {ckpt.name}")
         method.load_adapted(model, load_file(str(ckpt), device=cfg.device))
-        return model, info, {"reused": ckpt.name}, budget
+        return model, info, {"reused": ckpt.name, "weights": weights}, budget
     status(
         f"training {cfg.model} with {method_name} on {budget.train.name} "
         f"({len(budget.train)} images, target {target})"
     )
     summary = method.fit(model, budget.train, budget.val, opts, ctx)
-    save_adapted(model, ckpt, base=cfg.model, target=info)
+    meta = classifier_metadata(model, method_name)
+    save_adapted(model, ckpt, base=cfg.model, target=info, metadata=meta)
     summary["checkpoint"] = ckpt.name
+    summary["weights"] = weights
     return model, info, summary, budget
 
 
@@ -151,6 +196,28 @@ def _operating_point_data(
     if task != "binary" or budget.val is None:
         return None
     return budget.val.labels, predict_proba(model, budget.val, ctx, desc="validation")
+
+
+def source_from(
+    cfg: RunConfig, split: ShiftSplit
+) -> tuple[ImageClassifier, TargetInfo, str, dict[str, Any]]:
+    """The fitted model ``cfg.source.from`` names (a record or adapted-weights file), checked
+    against this run: same model, same classes in the same order."""
+    fitted = load_fitted(cfg.source.from_, device=cfg.device)
+    name = fitted.model.encoder.name
+    if name != cfg.model:
+        raise ConfigError(
+            f"source.from {cfg.source.from_} holds a {name!r} model, but the run's model is "
+            f"{cfg.model!r}; add --model {name}"
+        )
+    classes = list(split.train.class_names)
+    if list(fitted.class_names) != classes:
+        raise ConfigError(
+            f"source.from {cfg.source.from_} classifies {fitted.class_names}, but {cfg.data} has "
+            f"classes {classes}; the model and the data must name the same classes in order"
+        )
+    status(f"test-time adapting the model of {cfg.source.from_} (method {fitted.method})")
+    return fitted.model, fitted.target, fitted.method, fitted.origin
 
 
 def classification_outcome(
@@ -170,6 +237,11 @@ def classification_outcome(
     val_pred: tuple[np.ndarray, np.ndarray] | None = None
     source_probs: dict[str, np.ndarray] = {}
     if isinstance(method, FitMethod):
+        if cfg.source.from_ is not None:
+            raise ConfigError(
+                f"source.from gives a test-time method its model; {cfg.method!r} trains its own. "
+                "To evaluate the model as it is: --method source --set source.from=..."
+            )
         target = cfg.target or method.default_target
         model, info, summary, budget = fit_source(
             cfg, split, cfg.method, target, cfg.method_options, ctx
@@ -186,10 +258,17 @@ def classification_outcome(
         parts["labelled"] = budget.describe()
     elif isinstance(method, TTAMethod):
         opts = method.parse_options(cfg.method_options)
-        src_method = source_method_for(method, cfg.source.method)
-        model, src_info, summary, budget = fit_source(
-            cfg, split, src_method, cfg.source.target, cfg.source.options, ctx
-        )
+        origin = None
+        if cfg.source.from_ is not None:  # a model fitted earlier, not trained here
+            model, src_info, src_method, origin = source_from(cfg, split)
+            summary: dict[str, Any] = {"from": origin}
+            # nothing here trains: validation only places the binary operating point
+            budget = LabelledBudget(split.train, split.val, None, "validation")
+        else:
+            src_method = source_method_for(method, cfg.source.method)
+            model, src_info, summary, budget = fit_source(
+                cfg, split, src_method, cfg.source.target, cfg.source.options, ctx
+            )
         timings["fit_s"] = time.perf_counter() - t
         t = time.perf_counter()
         target = cfg.target or method.default_target
@@ -228,6 +307,9 @@ def classification_outcome(
             "labelled": budget.describe(),
             "target": target_record(src_info, METHODS.get(src_method)()),
         }
+        if origin is not None:  # the link to the run (or file) the adapted model started from
+            parts["source"]["from"] = origin
+            parts["source"]["labelled"] = {"in": "the run it came from", **origin}
     else:  # pragma: no cover - the registry only holds the two kinds
         raise ConfigError(f"method {cfg.method!r} is of unknown kind")
     timings["evaluate_s"] = time.perf_counter() - t
@@ -264,7 +346,13 @@ def target_record(info: TargetInfo, method: Method) -> dict[str, Any]:
     return {**info.to_dict(), "changes": f"the parameters of target {info.spec}"}
 
 
-def run_experiment(cfg: RunConfig, write: bool = True) -> dict[str, Any]:
+def run_experiment(
+    cfg: RunConfig,
+    write: bool = True,
+    *,
+    encoder: FoundationModel | None = None,
+    dataset: ClinicalDataset | None = None,
+) -> dict[str, Any]:
     """Run ``cfg`` and return its result record (also written to ``cfg.out_dir`` when ``write``).
 
     The task comes from the dataset (classification or segmentation): it builds the predictor,
@@ -272,21 +360,29 @@ def run_experiment(cfg: RunConfig, write: bool = True) -> dict[str, Any]:
     """
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
+    requested = cfg.device
+    device = resolve_device(requested)
+    check_precision(cfg.precision, device)
+    cfg = cfg.model_copy(update={"device": device})
     method = METHODS.get(cfg.method)()
     ctx = Context(
         batch_size=cfg.batch_size,
         seed=cfg.seed,
-        device=cfg.device,
+        device=device,
         cache_dir=str(Path(cfg.out_dir) / "cache" / "features"),
+        precision=cfg.precision,
+        out_dir=cfg.out_dir,
+        encoder=encoder,
     )
 
-    ds = load_dataset(cfg.data, **cfg.data_options)
+    ds = dataset if dataset is not None else load_dataset(cfg.data, **cfg.data_options)
     split = apply_shift(ds, cfg.shift, seed=cfg.seed, **cfg.shift_options)
     task = task_for(ds)
     task.check(method, ds)
     timings["data_s"] = time.perf_counter() - t0
 
-    outcome = task.run(cfg, method, split, ctx, timings)
+    with ctx.autocast():  # fit, test-time adaptation and prediction at the run's precision
+        outcome = task.run(cfg, method, split, ctx, timings)
 
     t = time.perf_counter()
     evals = task.evaluate(outcome, split, cfg)
@@ -302,6 +398,7 @@ def run_experiment(cfg: RunConfig, write: bool = True) -> dict[str, Any]:
         method=outcome.method,
         evaluations=evals,
         timings=timings,
+        compute=describe_compute(requested, device, cfg.precision),
         **outcome.parts,
     ).to_dict()
     if write:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import abc
+import contextlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
@@ -11,6 +13,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from clinadapt.classifier import ImageClassifier
+from clinadapt.compute import autocast, grad_scaler
 from clinadapt.data.base import ClinicalDataset
 from clinadapt.methods.registry import METHODS  # noqa: F401  (re-exported: modules register through here)
 from clinadapt.methods.trace import StreamResult
@@ -41,6 +44,27 @@ class Context:
     unlabelled: dict[str, ClinicalDataset] = field(default_factory=dict)
     # where frozen-backbone features are cached (None: $CLINADAPT_CACHE, else memory only)
     cache_dir: str | None = None
+    # mixed precision of forward passes: fp32, bf16 or fp16 (see clinadapt.compute)
+    precision: str = "fp32"
+    # the run's output folder: relative paths a method writes (checkpoints) go there
+    out_dir: str | None = None
+    # what the target opened (a TargetInfo), for files that must rebuild it (checkpoints)
+    target: Any = None
+    # a backbone object given to clinadapt.run (copied for each model built), else None
+    encoder: Any = None
+
+    def autocast(self) -> contextlib.AbstractContextManager[None]:
+        """Mixed precision for forward passes at the run's precision (nothing for fp32)."""
+        return autocast(self.device, self.precision)
+
+    def grad_scaler(self) -> Any:
+        """A loss scaler for fp16 training (a pass-through at other precisions)."""
+        return grad_scaler(self.device, self.precision)
+
+    def output_path(self, path: str | Path) -> Path:
+        """``path`` inside the run's output folder, unless it is absolute."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() or self.out_dir is None else Path(self.out_dir) / p
 
 
 class Method(abc.ABC):  # noqa: B024 (the two kinds below hold the abstract methods)
@@ -145,7 +169,8 @@ def predict_proba(
     out = []
     total = -(-len(ds) // ctx.batch_size)
     for x, _, _ in progress(ds.batches(model.preprocess, ctx.batch_size), desc, total=total):
-        logits = model(x.to(ctx.device)).float()
+        with ctx.autocast():
+            logits = model(x.to(ctx.device)).float()
         out.append(logits_to_proba(logits, ds.task).cpu())
     return torch.cat(out).numpy().astype(np.float64)
 

@@ -17,6 +17,7 @@ from clinadapt.data.base import ClinicalDataset
 from clinadapt.errors import ClinadaptError, ConfigError, IncompatibleError
 from clinadapt.evaluation.metrics import compute_metrics, metric_names
 from clinadapt.evaluation.subgroups import lower_is_better
+from clinadapt.fitted import classifier_metadata
 from clinadapt.methods.base import METHODS, Context, FitMethod, predict_proba
 from clinadapt.methods.budget import FewShotOptions
 from clinadapt.progress import bar
@@ -40,7 +41,8 @@ class FinetuneOptions(FewShotOptions):
     checkpoint: str | None = Field(
         None,
         description="write the best epoch's adapted parameters and buffers to this .safetensors "
-        "file (the frozen rest of the model is not saved)",
+        "file (relative: inside the run's output folder), with the class names, preprocessing "
+        "and target in its metadata; the frozen rest of the model is not saved",
     )
 
 
@@ -146,6 +148,7 @@ class Finetune(FitMethod):
         sign = -1.0 if lower_is_better(monitor) else 1.0  # compare as "higher is better"
         history: list[dict[str, float]] = []
         best, best_state, best_epoch, stale = -math.inf, None, -1, 0
+        scaler = ctx.grad_scaler()
         pbar = bar(total, self.name)
         try:
             for epoch in range(options.epochs):
@@ -154,19 +157,22 @@ class Finetune(FitMethod):
                 for x, y, _ in train.batches(
                     model.preprocess, ctx.batch_size, shuffle=True, seed=ctx.seed * 1000 + epoch
                 ):
-                    loss = self.batch_loss(
-                        model, x.to(ctx.device), y.to(ctx.device), train.task, weight, options
-                    )
+                    with ctx.autocast():
+                        loss = self.batch_loss(
+                            model, x.to(ctx.device), y.to(ctx.device), train.task, weight, options
+                        )
                     if not torch.isfinite(loss):
                         raise ClinadaptError(
                             f"{self.name}: non-finite loss at epoch {epoch}; lower the learning "
                             f"rate (lr={options.lr}) or check the inputs"
                         )
                     opt.zero_grad(set_to_none=True)
-                    loss.backward()
+                    scaler.scale(loss).backward()  # fp16: scaled so small gradients survive
                     if options.grad_clip:
+                        scaler.unscale_(opt)
                         torch.nn.utils.clip_grad_norm_(params, options.grad_clip)
-                    opt.step()
+                    scaler.step(opt)  # skips the step when fp16 gradients overflowed
+                    scaler.update()
                     sched.step()
                     losses.append(loss.item())
                     pbar.update(1)
@@ -200,10 +206,17 @@ class Finetune(FitMethod):
             out["selection"] = "no validation data: the last epoch"
         elif best_state is None:
             out["selection"] = f"{monitor} undefined on validation: the last epoch"
+        if scaler.is_enabled():
+            out["loss_scale"] = float(scaler.get_scale())
         if options.checkpoint:  # the model now holds the best epoch's state
-            out["checkpoint_file"] = str(
-                save_adapted(model, options.checkpoint, base=model.encoder.name)
+            path = save_adapted(
+                model,
+                ctx.output_path(options.checkpoint),
+                base=model.encoder.name,
+                target=ctx.target,
+                metadata=classifier_metadata(model, self.name),
             )
+            out["checkpoint_file"] = str(path)
             saved = best_state if best_state is not None else adapted_state(model)
             out["checkpoint_tensors"] = len(saved)
         return out

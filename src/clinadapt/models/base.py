@@ -111,6 +111,9 @@ class FoundationModel(nn.Module, metaclass=abc.ABCMeta):
         self._logit_scale = logit_scale
         self.source = source
         self.options: dict[str, Any] = {}  # the model options it was built with
+        # what the library needs to build the architecture again (exports): timm model_args,
+        # open_clip model_cfg/preprocess_cfg; transformers models carry their own config
+        self.library_config: dict[str, Any] = {}
 
     @property
     def has_text(self) -> bool:

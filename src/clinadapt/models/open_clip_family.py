@@ -8,6 +8,7 @@ so open_clip never reaches for the hub on its own.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import tempfile
@@ -371,6 +372,7 @@ def build(
     if "timm_model_name" in vision_cfg:
         vision_cfg["timm_model_pretrained"] = False  # the full checkpoint (or random init) wins
     hf_text = text_cfg.get("hf_model_name")
+    built_cfg = copy.deepcopy(model_cfg)  # what open_clip needs to build it again (exports)
     with tempfile.TemporaryDirectory() as tmp:
         if hf_text:
             text_cfg["hf_model_name"] = _hf_text_config_dir(hf_text, checkpoint, tmp, spec.name)
@@ -399,4 +401,7 @@ def build(
         source=resolved.source if resolved is not None else "random init",
     )
     fm._library = (model,)
+    from open_clip.model import get_model_preprocess_cfg
+
+    fm.library_config = {"model_cfg": built_cfg, "preprocess_cfg": get_model_preprocess_cfg(model)}
     return fm

@@ -116,6 +116,10 @@ def build(
         with seeded(spec.seed):
             model = timm.create_model(spec.arch, pretrained=False, **kwargs)
     feature_dim = getattr(model, "head_hidden_size", None) or model.num_features
-    return TimmModel(
+    fm = TimmModel(
         spec.name, "timm", model, int(feature_dim), _preprocess(model, spec, kwargs), source=source
     )
+    # what timm needs to build this architecture again (an export's model_args)
+    skip = ("num_classes", "pretrained_cfg_overlay")
+    fm.library_config = {"model_args": {k: v for k, v in kwargs.items() if k not in skip}}
+    return fm

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -67,7 +67,14 @@ class PretrainConfig(BaseModel):
         50, ge=1, description="write the resumable checkpoint every N steps"
     )
     seed: int = Field(0, description="seed of initialisation, data order and augmentation")
-    device: str = Field("cpu", description="torch device")
+    device: str = Field(
+        "auto", description="torch device: auto (cuda, else mps, else cpu), cpu, cuda, mps"
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32",
+        description="fp32, or mixed precision of the training steps: bf16 (CPU or GPU) or "
+        "fp16 (GPU, loss scaled)",
+    )
     evaluate: bool = Field(
         True, description="linear probe and k-NN on the labelled splits at the end"
     )
@@ -76,9 +83,12 @@ class PretrainConfig(BaseModel):
     )
 
     def identity(self) -> dict[str, Any]:
-        """The fields a resumed run must share with the run that wrote the checkpoint."""
+        """The fields a resumed run must share with the run that wrote the checkpoint
+        (precision only when it is not fp32, so earlier checkpoints still resume)."""
+        extra = {"precision"} if self.precision != "fp32" else set()
         return self.model_dump(
-            include={
+            include=extra
+            | {
                 "model",
                 "model_options",
                 "data",

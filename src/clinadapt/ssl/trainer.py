@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from clinadapt.compute import autocast, check_precision, grad_scaler, resolve_device
+from clinadapt.compute import describe as describe_compute
 from clinadapt.data import load_dataset
 from clinadapt.data.base import ClinicalDataset
 from clinadapt.errors import ConfigError, DataError
@@ -211,6 +213,10 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     """Pre-train, checkpoint, export the backbone, evaluate it, and return the summary."""
+    requested = cfg.device
+    device = resolve_device(requested)
+    check_precision(cfg.precision, device)
+    cfg = cfg.model_copy(update={"device": device})
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / ckpt.STATE_FILE
@@ -227,6 +233,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     opt = make_optimizer(method, cfg)
     hyper = {"lr": opt.param_groups[0]["lr"], "weight_decay": opt.param_groups[0]["weight_decay"]}
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup))
+    scaler = grad_scaler(device, cfg.precision)
     start, trained_s, history, baseline = 0, 0.0, [], None
     if state is not None:
         saved = state.get("hyper", hyper)
@@ -240,6 +247,8 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         method.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"])
         start, trained_s, history = state["step"], state["trained_s"], state["history"]
         baseline = state.get("baseline")
@@ -264,6 +273,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
                 "model": method.state_dict(),
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),
+                "scaler": scaler.state_dict() if scaler.is_enabled() else {},
                 "rng": _rng_state(),
             },
         )
@@ -279,18 +289,21 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
             pos = batch_positions(len(pool), batch_size, step, cfg.seed)
             images = load_images(pool, pos, method.backbone.preprocess)
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-            loss = method.training_loss(images, gen, step, total)
+            with autocast(device, cfg.precision):
+                loss = method.training_loss(images, gen, step, total)
             if not torch.isfinite(loss):
                 raise ConfigError(
                     f"{cfg.method}: the loss is {loss.item()} at step {step}; lower --lr "
                     f"(now {opt.param_groups[0]['lr']:.3g}) or check the images"
                 )
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()  # fp16: scaled so small gradients survive
+            scaler.unscale_(opt)  # the hooks and the clipping below see true gradients
             method.before_optimizer_step(step, total)
             if method.clip_grad is not None:
                 torch.nn.utils.clip_grad_norm_(method.trainable_parameters(), method.clip_grad)
-            opt.step()
+            scaler.step(opt)  # skips the step when fp16 gradients overflowed
+            scaler.update()
             sched.step()
             method.after_step(step, total)
             step += 1
@@ -335,6 +348,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
             "fingerprint": ds.fingerprint(),
         },
         "config": cfg.model_dump(),
+        "compute": describe_compute(requested, device, cfg.precision),
         "steps": step,
         "optimizer": hyper,  # what trained the weights (a resumed run must keep them)
         "completed": step >= total,

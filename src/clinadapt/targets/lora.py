@@ -126,15 +126,27 @@ def unmerge_lora(model: nn.Module) -> int:
 
 def merge_and_unload_lora(model: nn.Module) -> int:
     """Merge LoRA into the base weights and put the plain layers back (irreversible)."""
+    return _unload(model, merge=True)
+
+
+def unload_lora(model: nn.Module) -> int:
+    """Put the plain layers back without the LoRA update (the base model again); return how
+    many layers. A merged layer is unmerged first."""
+    return _unload(model, merge=False)
+
+
+def _unload(model: nn.Module, merge: bool) -> int:
     names = {id(m): n for n, m in model.named_modules()}
     layers = lora_layers(model)
     for layer in layers:
+        if not merge and layer.merged:
+            layer.unmerge()
         if hasattr(layer, "unload_and_optionally_merge_module"):
             plain = layer.unload_and_optionally_merge_module(
-                merge=not layer.merged, safe_merge=False, adapter_names=None
+                merge=merge and not layer.merged, safe_merge=False, adapter_names=None
             )
         else:
-            if not layer.merged:
+            if merge and not layer.merged:
                 layer.merge()
             plain = layer.get_base_layer()
         parent_name, _, attr = names[id(layer)].rpartition(".")

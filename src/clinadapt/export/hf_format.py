@@ -1,0 +1,73 @@
+"""``--format transformers``: a ``save_pretrained`` folder (LoRA merged) with the class names as
+``id2label``, an image processor config, and the head beside it.
+
+``AutoModel.from_pretrained(folder)`` rebuilds the backbone; ``AutoImageProcessor`` reads the
+preprocessing; ``clinadapt_head.safetensors`` maps the pooled features to logits. How the
+features are pooled is in ``clinadapt_export.json`` (``pooling``): ``cls`` (``pooler_output``),
+``mean_patch`` (mean of the patch tokens, MAE), ``spatial_mean`` (SAM), ``mean`` (all tokens),
+or ``image_embeds`` (CLIP's ``get_image_features``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from clinadapt.errors import IncompatibleError
+from clinadapt.export.common import (
+    HEAD_FILE,
+    METADATA_FILE,
+    merged_copy,
+    metadata,
+    save_head,
+    write_json,
+)
+from clinadapt.fitted import Fitted
+
+_RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3}
+
+
+def _library_model(enc):
+    lib = getattr(enc, "_library", None)
+    return lib[0] if lib else enc.image_encoder
+
+
+def export_transformers(fitted: Fitted, out: Path) -> dict:
+    """Write the adapted transformers model, its image processor and the head; return metadata."""
+    from transformers import ViTImageProcessor
+
+    model = merged_copy(fitted.model)
+    enc = model.encoder
+    if enc.family != "hf":
+        raise IncompatibleError(
+            f"--format transformers needs a transformers model; {enc.name!r} is {enc.family}"
+        )
+    net = _library_model(enc)
+    pooling = getattr(enc, "pooling", "image_embeds")
+    names = list(fitted.class_names)
+    net.config.id2label = dict(enumerate(names))
+    net.config.label2id = {n: i for i, n in enumerate(names)}
+    net.save_pretrained(str(out), safe_serialization=True)
+    pp = enc.preprocess
+    h, w = pp.image_size
+    ViTImageProcessor(
+        do_resize=True,
+        size={"height": h, "width": w},
+        resample=_RESAMPLE.get(pp.interpolation, 2),
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(pp.mean),
+        image_std=list(pp.std),
+    ).save_pretrained(str(out))
+    save_head(out / HEAD_FILE, model, names)
+    meta = metadata(
+        fitted,
+        "transformers",
+        {
+            "pooling": pooling,
+            "model_class": type(net).__name__,
+            "load": f'transformers.AutoModel.from_pretrained("{out}")',
+        },
+    )
+    write_json(out / METADATA_FILE, meta)
+    return meta
