@@ -258,8 +258,9 @@ def _softmax(z):
     return e / e.sum(1, keepdims=True)
 
 
-@pytest.mark.parametrize(("k", "n", "d"), [(3, 30, 50), (2, 12, 40), (4, 200, 8)])
+@pytest.mark.parametrize(("k", "n", "d"), [(3, 30, 50), (2, 12, 40), (4, 200, 8), (3, 300, 150)])
 def test_logistic_path_solves_each_problem_as_sklearn(k, n, d):
+    """Newton on the span of few-shot features; scipy's L-BFGS-B for the last, larger one."""
     x, y = _blobs(k, n, d, k)
     folds = stratified_folds(y, 3, seed=0)
     masks = np.vstack([folds != f for f in range(3)] + [np.ones(n, bool)])
@@ -269,7 +270,7 @@ def test_logistic_path_solves_each_problem_as_sklearn(k, n, d):
         for p, rows in enumerate(masks):
             ref = LogisticRegression(C=c, max_iter=20000, tol=1e-10).fit(x[rows], y[rows])
             got = _softmax(fit.logits(x, p))
-            np.testing.assert_allclose(got, ref.predict_proba(x), atol=2e-5)
+            np.testing.assert_allclose(got, ref.predict_proba(x), atol=2e-5 if n < 300 else 2e-4)
 
 
 def test_linear_probe_support_cv_picks_the_best_pooled_out_of_fold_c(small_shift):

@@ -22,10 +22,13 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import minimize
-from scipy.special import expit, log_expit, logsumexp, softmax
+from scipy.special import expit, log_expit
 
-NEWTON_MAX_SIZE = 1500  # Newton when each Hessian is at most this many rows
-NEWTON_MAX_WORK = 2e8  # ... and forming the Hessians costs at most this many products
+# Newton when each Hessian has at most this many rows and forming them all costs at most this
+# many products (few-shot problems); scipy's L-BFGS-B otherwise, where it is faster.
+NEWTON_MAX_SIZE = 400
+NEWTON_MAX_WORK = 5e7
+LBFGS_TOL = 1e-5
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,7 @@ def logistic_path(
     theta = np.zeros((masks.shape[0], a, k))
     fits = []
     for c in cs:
-        theta, steps = solve(phi, t, k, binary, masks, float(c), theta, max_iter, tol)
+        theta, steps = solve(_Problems(phi, t, k, masks, float(c)), theta, max_iter, tol)
         w = theta[:, :-1] if basis is None else basis @ theta[:, :-1]
         fits.append(LogisticFit(*_full_head(w, theta[:, -1], classes, num_classes, binary), steps))
     return fits
@@ -98,71 +101,61 @@ def _full_head(
     return full_w, full_b
 
 
-@dataclass(frozen=True)
 class _Problems:
-    """P logistic problems on the rows of ``phi`` (last column 1), as value and gradient."""
+    """P logistic problems on the rows of ``phi`` (last column 1): values, gradients, probs."""
 
-    phi: np.ndarray  # (n, a)
-    t: np.ndarray  # (n,) class positions
-    k: int  # 1 (binomial) or the number of classes
-    weights: np.ndarray  # (P, n): 1/n_p on each problem's rows, 0 elsewhere
-    lam: np.ndarray  # (P,): 1 / (C n_p)
+    def __init__(self, phi: np.ndarray, t: np.ndarray, k: int, masks: np.ndarray, c: float) -> None:
+        n_p = masks.sum(1).astype(np.float64)
+        self.phi, self.t, self.k = phi, t, k  # (n, a), (n,) class positions, 1 if binomial
+        self.weights = masks / n_p[:, None]  # (P, n): 1/n_p on each problem's rows, else 0
+        self.lam = 1.0 / (c * n_p)  # (P,)
+        self.target = t[:, None].astype(np.float64) if k == 1 else np.eye(k)[t]  # (n, k)
 
     @property
     def binary(self) -> bool:
         return self.k == 1
 
-    def target(self) -> np.ndarray:
-        return self.t[:, None].astype(np.float64) if self.binary else np.eye(self.k)[self.t]
-
-    def logits(self, theta: np.ndarray) -> np.ndarray:
-        return self.phi @ theta  # (P, n, k)
-
-    def value(self, theta: np.ndarray) -> np.ndarray:
-        """(P,) objectives: mean loss + lam/2 ||theta without the intercept row||^2."""
-        z = self.logits(theta)
+    def evaluate(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(P,) objectives (mean loss + lam/2 ||theta without the intercepts||^2), (P, n, k) probs."""
+        z = self.phi @ theta  # (P, n, k)
         if self.binary:
             loss = -log_expit((2.0 * self.t - 1.0) * z[..., 0])
+            prob = expit(z)
         else:
-            loss = logsumexp(z, axis=-1) - np.take_along_axis(z, self.t[None, :, None], -1)[..., 0]
-        return (loss * self.weights).sum(1) + 0.5 * self.lam * (theta[:, :-1] ** 2).sum((1, 2))
+            z = z - z.max(-1, keepdims=True)
+            e = np.exp(z)
+            total = e.sum(-1)
+            loss = np.log(total) - (z * self.target).sum(-1)
+            prob = e / total[..., None]
+        penalty = 0.5 * self.lam * np.einsum("pak,pak->p", theta[:, :-1], theta[:, :-1])
+        return (loss * self.weights).sum(1) + penalty, prob
 
-    def probs(self, theta: np.ndarray) -> np.ndarray:
-        z = self.logits(theta)
-        return expit(z) if self.binary else softmax(z, axis=-1)
+    def value(self, theta: np.ndarray) -> np.ndarray:
+        return self.evaluate(theta)[0]
 
     def gradient(self, theta: np.ndarray, prob: np.ndarray) -> np.ndarray:
-        resid = (prob - self.target()) * self.weights[..., None]
+        resid = (prob - self.target) * self.weights[..., None]
         grad = self.phi.T @ resid  # (P, a, k)
         grad[:, :-1] += self.lam[:, None, None] * theta[:, :-1]
         return grad
 
 
 def _newton(
-    phi: np.ndarray,
-    t: np.ndarray,
-    k: int,
-    binary: bool,
-    masks: np.ndarray,
-    c: float,
-    theta: np.ndarray,
-    max_iter: int,
-    tol: float,
+    prob_set: _Problems, theta: np.ndarray, max_iter: int, tol: float
 ) -> tuple[np.ndarray, int]:
     """Batched Newton steps with a per-problem backtracking (Armijo) line search.
 
     Parameters are flattened class-major, (k, a): the Hessian of the mean cross-entropy is then
     blockdiag_k(Phi^T diag(w p_k) Phi) - M^T M with M[n, (k, a)] = sqrt(w_n) p_nk phi_na.
     """
+    phi, k, binary = prob_set.phi, prob_set.k, prob_set.binary
     p, a = theta.shape[0], phi.shape[1]
-    n_p = masks.sum(1).astype(np.float64)
-    prob_set = _Problems(phi, t, k, masks / n_p[:, None], 1.0 / (c * n_p))
     ridge = np.tile(np.r_[np.ones(a - 1), 0.0], k)  # no penalty on the intercepts
     # softmax leaves a common shift of the intercepts free: a tiny ridge keeps the solve regular
     ridge_all = prob_set.lam[:, None] * ridge + 1e-10
     steps = 0
     for steps in range(1, max_iter + 1):  # noqa: B007 (the count is returned)
-        prob = prob_set.probs(theta)
+        f0, prob = prob_set.evaluate(theta)
         grad = prob_set.gradient(theta, prob)
         if np.abs(grad).max() < tol:
             break
@@ -182,7 +175,6 @@ def _newton(
         hess[:, idx, idx] += ridge_all
         g = grad.transpose(0, 2, 1).reshape(p, k * a, 1)
         step = np.linalg.solve(hess, g).reshape(p, k, a).transpose(0, 2, 1)
-        f0 = prob_set.value(theta)
         slope = (grad * step).sum((1, 2))
         size = np.ones(p)
         for _ in range(40):
@@ -196,30 +188,27 @@ def _newton(
 
 
 def _lbfgs(
-    phi: np.ndarray,
-    t: np.ndarray,
-    k: int,
-    binary: bool,
-    masks: np.ndarray,
-    c: float,
-    theta: np.ndarray,
-    max_iter: int,
-    tol: float,
+    prob_set: _Problems, theta: np.ndarray, max_iter: int, tol: float
 ) -> tuple[np.ndarray, int]:
     """The same problems by scipy's L-BFGS-B (as scikit-learn), for Hessians too large to form."""
-    n_p = masks.sum(1).astype(np.float64)
-    prob_set = _Problems(phi, t, k, masks / n_p[:, None], 1.0 / (c * n_p))
     shape = theta.shape
 
     def fun(flat: np.ndarray) -> tuple[float, np.ndarray]:
         th = flat.reshape(shape)
-        return float(prob_set.value(th).sum()), prob_set.gradient(th, prob_set.probs(th)).ravel()
+        value, prob = prob_set.evaluate(th)
+        return float(value.sum()), prob_set.gradient(th, prob).ravel()
 
     res = minimize(
         fun,
         theta.ravel(),
         jac=True,
         method="L-BFGS-B",
-        options={"maxiter": max(max_iter, 1000), "gtol": tol, "ftol": 64 * np.finfo(float).eps},
+        # a gradient of 1e-5 at most (scikit-learn stops at 1e-4): Newton's 1e-8 would cost
+        # L-BFGS many more iterations than the probabilities need
+        options={
+            "maxiter": max(max_iter, 1000),
+            "gtol": max(tol, LBFGS_TOL),
+            "ftol": 64 * np.finfo(float).eps,
+        },
     )
     return res.x.reshape(shape), int(res.nit)
