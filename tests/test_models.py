@@ -179,3 +179,14 @@ def test_tiny_resnet_is_as_narrow_as_its_description():
     ]
     assert max(c.out_channels for c in convs) == 16
     assert net.layer1[0].downsample is None
+
+
+def test_grey_images_resize_once_then_replicate_into_rgb():
+    """Resizing the one grey channel and then replicating it gives exactly the RGB result."""
+    pp = Preprocessing(image_size=(24, 20), in_chans=3)
+    grey = np.random.default_rng(1).integers(0, 256, (3, 40, 33), dtype=np.uint8)
+    rgb = np.repeat(grey[..., None], 3, axis=-1)
+    x = pp(grey)
+    assert x.shape == (3, 3, 24, 20)
+    assert torch.equal(x, pp(rgb))
+    assert torch.equal(pp(list(grey)), x)

@@ -162,6 +162,13 @@ class RunConfig(BaseModel):
         description="fp32, or mixed precision: bf16 (CPU or GPU) or fp16 (GPU, loss scaled) "
         "autocast for training, test-time adaptation and inference",
     )
+    loader_workers: int | None = Field(
+        None,
+        ge=0,
+        description="processes that decode image files ahead of the model (default: up to 4 "
+        "for files, none for images in memory; 0: decode in the main process); results do not "
+        "depend on it",
+    )
     out_dir: str = Field("clinadapt-runs", description="where result records are written")
 
     @model_validator(mode="after")
@@ -187,7 +194,9 @@ class RunConfig(BaseModel):
     def identity(self) -> dict[str, Any]:
         """The fields that define the experiment (not where its results go or which device ran
         it). Fields added later are left out at their defaults, so earlier run ids still hold."""
-        exclude: set[str] = {"out_dir", "device"} | ({"prompt"} if self.prompt is None else set())
+        exclude: set[str] = {"out_dir", "device", "loader_workers"} | (
+            {"prompt"} if self.prompt is None else set()
+        )
         if self.precision == "fp32":
             exclude.add("precision")
         data = self.model_dump(exclude=exclude)

@@ -373,6 +373,7 @@ def run_experiment(
         precision=cfg.precision,
         out_dir=cfg.out_dir,
         encoder=encoder,
+        loader_workers=cfg.loader_workers,
     )
 
     ds = dataset if dataset is not None else load_dataset(cfg.data, **cfg.data_options)

@@ -31,6 +31,10 @@ def __getattr__(name: str) -> Any:
 def load_dataset(name_or_path: str | Path, **kwargs: Any) -> ClinicalDataset:
     """Load a registered dataset by name, or a dataset from a path.
 
+    A generated dataset (registry tag ``generated``: a function of its options alone, like the
+    built-in ``clinical-shift``) is built once per process for each set of options
+    (``data.cache``); every call returns a copy its caller may change freely.
+
     Paths: a directory of class folders (or with a ``manifest.csv``), a ``.csv`` manifest, a
     MedMNIST ``.npz`` file, or a NIfTI volume (``.nii``/``.nii.gz``) read as 2D slices.
     Segmentation: a directory with ``images/`` and ``masks/`` (optionally under split folders),
@@ -38,6 +42,10 @@ def load_dataset(name_or_path: str | Path, **kwargs: Any) -> ClinicalDataset:
     """
     key = str(name_or_path)
     if key in DATASETS:
+        if "generated" in DATASETS.entry(key).tags:  # a function of its options: built once
+            from clinadapt.data.cache import load_cached
+
+            return load_cached(key, DATASETS.get(key), kwargs)
         return DATASETS.get(key)(**kwargs)
     path = Path(key).expanduser()
     if not path.exists():

@@ -12,6 +12,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 
+from clinadapt.data.loading import auto_workers, iter_batches
 from clinadapt.errors import DataError
 
 Task = Literal["multiclass", "binary", "multilabel", "segmentation"]
@@ -36,6 +37,11 @@ class ImageSource(abc.ABC):
     def describe(self, i: int) -> str:
         """Name image ``i`` in error messages (a file path where there is one)."""
         return f"image #{i}"
+
+    @property
+    def reads_files(self) -> bool:
+        """Whether ``load`` decodes files (worth worker processes; see ``data.loading``)."""
+        return False
 
     @abc.abstractmethod
     def fingerprint(self) -> str:
@@ -103,6 +109,10 @@ class FileSource(ImageSource):
 
     def describe(self, i: int) -> str:
         return self.paths[i]
+
+    @property
+    def reads_files(self) -> bool:
+        return True
 
     def fingerprint(self) -> str:
         return hash_files(hashlib.sha256(), self.paths).hexdigest()
@@ -233,7 +243,8 @@ class ClinicalDataset:
         return len(self.class_names)
 
     def image(self, i: int) -> np.ndarray:
-        return self.source.load(int(self.index[i]))
+        img = self.source.load(int(self.index[i]))
+        return img if img.flags.writeable else img.copy()  # shared (cached) pixels stay intact
 
     def describe(self, i: int) -> str:
         return self.source.describe(int(self.index[i]))
@@ -374,20 +385,26 @@ class ClinicalDataset:
         shuffle: bool = False,
         seed: int = 0,
         drop_last: bool = False,
+        workers: int | None = None,
+        pin_memory: bool = False,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, np.ndarray]]:
-        """Yield ``(images, labels, positions)``; images go through ``preprocess`` batch-wise."""
+        """Yield ``(images, labels, positions)``; images go through ``preprocess`` batch-wise.
+
+        ``workers`` processes decode and preprocess batches ahead (None: up to 4 when the images
+        are read from files, none for images in memory); ``pin_memory`` pins each batch for a
+        fast copy to a CUDA device. Neither changes what is yielded.
+        """
         if len(self) == 0:
             raise DataError(f"{self.name}: no images to iterate over")
+        if workers is not None and workers < 0:
+            raise DataError(f"{self.name}: workers must be >= 0, got {workers}")
         order = np.arange(len(self))
         if shuffle:
             order = np.random.default_rng(seed).permutation(len(self))
-        for start in range(0, len(order), batch_size):
-            pos = order[start : start + batch_size]
-            if drop_last and len(pos) < batch_size:
-                break
-            imgs = [self.image(int(i)) for i in pos]
-            if len({im.shape for im in imgs}) == 1:
-                x = preprocess(imgs)
-            else:  # mixed sizes: bring each to the model's size alone
-                x = torch.cat([preprocess([im]) for im in imgs])
-            yield x, torch.as_tensor(self.labels[pos]), pos
+        chunks = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+        if drop_last and len(chunks[-1]) < batch_size:
+            chunks.pop()
+        if not chunks:
+            return
+        n = auto_workers(self) if workers is None else workers
+        yield from iter_batches(self, preprocess, chunks, n, pin_memory)

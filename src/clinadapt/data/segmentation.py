@@ -259,7 +259,8 @@ class SegmentationDataset(ClinicalDataset):
 
     def mask(self, i: int) -> np.ndarray:
         """The reference label map of image ``i`` (uint8, 0..C)."""
-        return self.masks.load(int(self.index[i]))
+        mask = self.masks.load(int(self.index[i]))
+        return mask if mask.flags.writeable else mask.copy()  # shared (cached) masks stay intact
 
     def describe_mask(self, i: int) -> str:
         return self.masks.describe(int(self.index[i]))

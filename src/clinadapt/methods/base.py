@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -65,6 +66,21 @@ class Context:
         """``path`` inside the run's output folder, unless it is absolute."""
         p = Path(path).expanduser()
         return p if p.is_absolute() or self.out_dir is None else Path(self.out_dir) / p
+
+    # processes decoding image files ahead of the model (None: automatic, see data.loading)
+    loader_workers: int | None = None
+
+    def batches(
+        self, ds: ClinicalDataset, preprocess: Any, **options: Any
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, np.ndarray]]:
+        """``ds.batches`` at this context's batch size, workers and (for CUDA) pinned memory."""
+        return ds.batches(
+            preprocess,
+            self.batch_size,
+            workers=self.loader_workers,
+            pin_memory=str(self.device).startswith("cuda"),
+            **options,
+        )
 
 
 class Method(abc.ABC):  # noqa: B024 (the two kinds below hold the abstract methods)
@@ -168,7 +184,7 @@ def predict_proba(
     model.eval()
     out = []
     total = -(-len(ds) // ctx.batch_size)
-    for x, _, _ in progress(ds.batches(model.preprocess, ctx.batch_size), desc, total=total):
+    for x, _, _ in progress(ctx.batches(ds, model.preprocess), desc, total=total):
         with ctx.autocast():
             logits = model(x.to(ctx.device)).float()
         out.append(logits_to_proba(logits, ds.task).cpu())

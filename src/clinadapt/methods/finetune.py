@@ -154,8 +154,8 @@ class Finetune(FitMethod):
             for epoch in range(options.epochs):
                 model.train()
                 losses = []
-                for x, y, _ in train.batches(
-                    model.preprocess, ctx.batch_size, shuffle=True, seed=ctx.seed * 1000 + epoch
+                for x, y, _ in ctx.batches(
+                    train, model.preprocess, shuffle=True, seed=ctx.seed * 1000 + epoch
                 ):
                     with ctx.autocast():
                         loss = self.batch_loss(

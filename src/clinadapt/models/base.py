@@ -28,11 +28,16 @@ def to_model_input(
 ) -> torch.Tensor:
     """Turn uint8 images into the normalised batch ``pp`` describes (see :class:`Preprocessing`)."""
     x = _to_float_nchw(images)
-    x = adapt_channels(x, pp.in_chans)
+    # grey for an RGB model: resize the one channel, then replicate it (the same values)
+    replicate = x.shape[1] == 1 and pp.in_chans == 3
+    if not replicate:
+        x = adapt_channels(x, pp.in_chans)
     if tuple(x.shape[-2:]) != tuple(pp.image_size):
         mode = pp.interpolation if pp.interpolation in ("bilinear", "bicubic") else "bilinear"
         x = F.interpolate(x, size=pp.image_size, mode=mode, align_corners=False, antialias=True)
         x = x.clamp_(0.0, 1.0)
+    if replicate:
+        x = adapt_channels(x, pp.in_chans)
     mean = torch.tensor(pp.mean, dtype=x.dtype).view(1, -1, 1, 1)
     std = torch.tensor(pp.std, dtype=x.dtype).view(1, -1, 1, 1)
     if mean.shape[1] != x.shape[1]:
@@ -49,7 +54,10 @@ def _to_float_nchw(images: torch.Tensor | np.ndarray | Sequence[np.ndarray]) -> 
                 f"images in one batch have different shapes {sorted(shapes)}; resize first"
             )
         images = np.stack([np.asarray(im) for im in images])
-    t = torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images
+    if not isinstance(images, torch.Tensor):
+        array = np.asarray(images)  # read-only (cached datasets): torch needs its own copy
+        images = torch.as_tensor(array if array.flags.writeable else array.copy())
+    t = images
     if t.ndim == 3:  # N,H,W grey
         t = t.unsqueeze(-1)
     if t.ndim != 4:

@@ -209,7 +209,7 @@ def run_stream(
     out, trace, events = [], [], []
     start = 0
     total = -(-len(stream) // ctx.batch_size)
-    batches = stream.batches(adapter.model.preprocess, ctx.batch_size)
+    batches = ctx.batches(stream, adapter.model.preprocess)
     for x, _, pos in progress(batches, f"{method} {stream.name}", total=total):
         x = x.to(ctx.device)
         step = adapter.forward_and_adapt(x)

@@ -150,7 +150,7 @@ class BatchNormAdapt(TTAMethod):
         total = -(-len(stream) // ctx.batch_size)
         with torch.no_grad():
             for x, _, _ in progress(
-                stream.batches(model.preprocess, ctx.batch_size), f"bn {stream.name}", total=total
+                ctx.batches(stream, model.preprocess), f"bn {stream.name}", total=total
             ):
                 out.append(logits_to_proba(adapted(x.to(ctx.device)).float(), stream.task).cpu())
         return StreamResult.of(torch.cat(out))

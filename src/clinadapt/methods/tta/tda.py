@@ -133,7 +133,7 @@ class TDA(TTAMethod):
         total = -(-len(stream) // ctx.batch_size)
         with torch.no_grad():
             for x, _, _ in progress(
-                stream.batches(model.preprocess, ctx.batch_size), f"tda {stream.name}", total=total
+                ctx.batches(stream, model.preprocess), f"tda {stream.name}", total=total
             ):
                 f = model.features(x.to(ctx.device))
                 logits.append(model.head(f).float())

@@ -138,10 +138,7 @@ def record_source_stats(model: ImageClassifier, train: ClinicalDataset, ctx: Con
     """Store the mean and covariance of the source features in ``model.tttpp``."""
     model.eval()
     feats = torch.cat(
-        [
-            model.features(x.to(ctx.device))
-            for x, _, _ in train.batches(model.preprocess, ctx.batch_size)
-        ]
+        [model.features(x.to(ctx.device)) for x, _, _ in ctx.batches(train, model.preprocess)]
     )
     mean, cov = feature_stats(feats.float())
     model.tttpp.source_mean.copy_(mean)

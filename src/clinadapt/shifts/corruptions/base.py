@@ -159,6 +159,10 @@ class CorruptedSource(ImageSource):
     def load(self, i: int) -> np.ndarray:
         return corrupt(self.base.load(i), self.name, self.severity, self.seed, position=i)
 
+    @property
+    def reads_files(self) -> bool:
+        return self.base.reads_files
+
     def describe(self, i: int) -> str:
         return f"{self.base.describe(i)} with {self.name} at severity {self.severity}"
 
