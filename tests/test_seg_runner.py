@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from clinadapt.config import RunConfig, load_config
+from clinadapt.data.segmentation import MaskSource
 from clinadapt.data.synthetic_seg import make_clinical_shift_seg
 from clinadapt.errors import ConfigError, DataError, IncompatibleError
 from clinadapt.evaluation.seg_metrics import score_images, summarise_table
@@ -101,6 +102,8 @@ def test_cases_and_tables_are_written(zeroshot):
     assert npz["cases/site-c/best/boxes"].shape[1] == 4
     n = rec["shift"]["tests"]["site-c"]
     assert npz["table/site-c/dice"].shape == (n, 2)
+    assert rec["counts"]["site-c"]["images"] == n == len(npz["meta/site-c/patient_id"])
+    assert rec["counts"]["site-c"]["patients"] == len(set(npz["meta/site-c/patient_id"].tolist()))
     assert int(npz["cases/site-c/best/position"]) == cases["best"]["position"]
 
 
@@ -217,3 +220,46 @@ def test_test_time_adaptation_of_a_segmenter_and_a_unet(tmp_path):
     assert "baselines" not in unet and unet["metrics"]["site-c"]["dice"] >= 0
     with pytest.raises(ConfigError, match="cannot train a segmentation model"):
         run(tmp_path, "seg-tent", source={"method": "finetune"})
+
+
+class _Watched(MaskSource):
+    """A mask source that records which source positions were read."""
+
+    def __init__(self, masks):
+        self.masks, self.read = masks, set()
+        self.num_classes = masks.num_classes
+
+    def __len__(self):
+        return len(self.masks)
+
+    def load(self, i):
+        self.read.add(int(i))
+        return self.masks.load(i)
+
+    def describe(self, i):
+        return self.masks.describe(i)
+
+    def fingerprint(self):
+        return self.masks.fingerprint()
+
+
+@pytest.mark.parametrize("method", ["seg-finetune", "seg-fewshot"])
+def test_fitting_reads_only_the_masks_its_protocol_allows(method):
+    from clinadapt.methods import METHODS
+
+    ds = make_clinical_shift_seg(patients_per_site=8, sites=["site-a"])
+    watched = _Watched(ds.masks)
+    ds = ds.replace(masks=watched).with_prompts(PromptSpec(), 0)
+    train, val = ds.split("train"), ds.split("val")
+    m = METHODS.get(method)()
+    opts = m.parse_options({"epochs": 1, **({"shots": 2} if method == "seg-fewshot" else {})})
+    seg = load_segmenter("tiny-sam")
+    from clinadapt.targets import apply_target
+
+    apply_target(seg, "decoder")
+    summary = m.fit(seg, train, val, opts, Context(batch_size=4))
+    allowed = set(train.index.tolist()) | set(val.index.tolist())
+    if method == "seg-fewshot":  # K labelled images and nothing else
+        allowed = {int(train.index[p]) for p in summary["support"]["positions"]}
+    assert watched.read and watched.read <= allowed
+    assert not watched.read & set(ds.split("test").index.tolist())

@@ -123,7 +123,15 @@ class SegmentationTask(Task):
     # what promptable-segmentation papers report; it also compares every method on the same
     # (image, class) pairs, while "dice" gives prompted methods the empty pairs for free
     headline = "dice_present"
-    evaluation_parts = ("subgroups", "ci", "size_bins", "baselines", "cases", "warnings")
+    evaluation_parts = (
+        "subgroups",
+        "ci",
+        "size_bins",
+        "baselines",
+        "cases",
+        "counts",
+        "warnings",
+    )
     default_model = "tiny-sam"
     default_data = "clinical-shift-seg"
 
@@ -358,6 +366,14 @@ class SegmentationTask(Task):
             arrays.update(case_arrays(test, pred, cases, f"cases/{name}"))
             for field in ("dice", "iou", "nsd", "hd95", "ref_area", "pred_area", "spacing"):
                 arrays[f"table/{name}/{field}"] = getattr(table, field)
+            pid = test.metadata.get("patient_id")
+            out[name]["counts"] = {
+                "images": len(test),
+                "patients": None if pid is None else len(set(pid.tolist())),
+            }
+            for key in ("patient_id", *ev.subgroup_keys):  # for pooled, patient-level CIs
+                if key in test.metadata:
+                    arrays[f"meta/{name}/{key}"] = test.metadata[key]
         return out
 
     def write(self, out_dir: str, record: dict[str, Any], outcome: Outcome) -> None:
