@@ -46,7 +46,7 @@ def dice_bce(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """MedSAM's loss on (P,H,W) probabilities: MONAI Dice (squared) + binary cross-entropy."""
     from monai.losses import DiceLoss
 
-    t = targets.float()
+    probs, t = probs.float(), targets.float()  # BCE is not autocast-safe: compute it in fp32
     dice = DiceLoss(sigmoid=False, squared_pred=True, reduction="mean")(probs[:, None], t[:, None])
     bce = torch.nn.functional.binary_cross_entropy(probs.clamp(1e-6, 1 - 1e-6), t)
     return dice + bce
@@ -129,6 +129,7 @@ def train_segmenter(
     if spec.kind != "none" and not train.labels.any():
         raise DataError(f"{train.name}: no training image has an object to prompt")
     opt = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
+    scaler = ctx.grad_scaler()
     rng = np.random.default_rng(ctx.seed)
     torch.manual_seed(ctx.seed)
     cache: dict[int, Any] | None = None if _encoder_trainable(seg) else {}
@@ -158,8 +159,9 @@ def train_segmenter(
             if not torch.isfinite(loss):
                 raise DataError(f"the loss became {loss.item()} at epoch {epoch + 1}; lower lr")
             opt.zero_grad()
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()  # fp16: scaled so small gradients survive
+            scaler.step(opt)  # skips the step when fp16 gradients overflowed
+            scaler.update()
             total, steps = total + loss.item(), steps + 1
         row = {"epoch": epoch + 1, "loss": total / max(steps, 1)}
         if val is not None:
@@ -190,6 +192,7 @@ def train_segmenter(
         "best_val_dice": None if val is None else float(best),
         "train_images": len(train),
         "embeddings_cached": cache is not None,
+        **({"loss_scale": float(scaler.get_scale())} if scaler.is_enabled() else {}),
     }
 
 

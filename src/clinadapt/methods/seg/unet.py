@@ -162,6 +162,7 @@ class UNetBaseline(SegMethod):
         o: UNetOptions = options  # type: ignore[assignment]
         loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
         opt = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+        scaler = ctx.grad_scaler()
         rng = np.random.default_rng(ctx.seed)
         history: list[dict[str, float]] = []
         best, best_epoch, best_state, waited = -np.inf, -1, None, 0
@@ -178,12 +179,13 @@ class UNetBaseline(SegMethod):
                     [_to_input(train.image(i), model.in_channels, model.size) for i in pos]
                 )
                 y = torch.stack([_to_target(train.mask(i), model.size) for i in pos])
-                loss = loss_fn(model(x.to(ctx.device)), y.to(ctx.device))
+                loss = loss_fn(model(x.to(ctx.device)).float(), y.to(ctx.device))
                 if not torch.isfinite(loss):
                     raise DataError(f"unet: the loss became {loss.item()} at epoch {epoch + 1}")
                 opt.zero_grad()
-                loss.backward()
-                opt.step()
+                scaler.scale(loss).backward()  # fp16: scaled so small gradients survive
+                scaler.step(opt)  # skips the step when fp16 gradients overflowed
+                scaler.update()
                 total, steps = total + loss.item(), steps + 1
             row = {"epoch": epoch + 1, "loss": total / max(steps, 1)}
             if val is not None:
@@ -209,6 +211,7 @@ class UNetBaseline(SegMethod):
             "best_epoch": best_epoch if val is not None else len(history),
             "best_val_dice": None if val is None else float(best),
             "train_images": len(train),
+            **({"loss_scale": float(scaler.get_scale())} if scaler.is_enabled() else {}),
         }
 
     def predict(
