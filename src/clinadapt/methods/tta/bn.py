@@ -20,6 +20,7 @@ falls back to :data:`SINGLE_SAMPLE_PRIOR` (the weight MEMO uses for single test 
 from __future__ import annotations
 
 import copy
+import math
 from typing import Literal
 
 import torch
@@ -76,9 +77,16 @@ class BatchStatsNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         prior = self.prior if x.shape[0] > 1 or self.prior > 0 else SINGLE_SAMPLE_PRIOR
-        if prior == 0 and self.variance != "unbiased":
-            # one fused kernel: train-mode batch norm without running statistics
-            y = F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        if prior == 0:  # one fused kernel: train-mode batch norm without running statistics
+            weight, eps = self.weight, self.eps
+            count = x.numel() // x.shape[1]
+            if self.variance == "unbiased" and count > 1:
+                # w (x - m) / sqrt(c v + eps) = (w / sqrt c) (x - m) / sqrt(v + eps / c): the
+                # unbiased variance c v, c = n / (n - 1), through the kernel's biased one
+                c = count / (count - 1)
+                ones = x.new_ones(x.shape[1]) if weight is None else weight
+                weight, eps = ones / math.sqrt(c), eps / c
+            y = F.batch_norm(x, None, None, weight, self.bias, True, 0.0, eps)
         else:
             y = F.batch_norm(x, *self.blend(x, prior), self.weight, self.bias, False, 0.0, self.eps)
         if self.drop is not None:
@@ -94,7 +102,11 @@ class BatchStatsNorm(nn.Module):
         count = x.numel() // x.shape[1]
         # one value per channel has no unbiased variance: use the biased one (0) then
         correction = 1 if self.variance != "biased" and count > 1 else 0
-        var, mean = torch.var_mean(x, dim=dims, correction=correction)
+        # two passes (mean, then the centred sum of squares): exact as torch.var_mean, whose
+        # reduction over (N, H, W) is several times slower on CPU
+        mean = x.mean(dims)
+        centred = x - mean.view(1, -1, *[1] * (x.ndim - 2))
+        var = torch.linalg.vector_norm(centred, 2, dims).square() / (count - correction)
         if prior > 0:
             mean = torch.lerp(mean, self.source_mean.to(mean.dtype), prior)
             var = torch.lerp(var, self.source_var.to(var.dtype), prior)
