@@ -69,22 +69,6 @@ def test_bn_uses_batch_statistics_blended_with_prior():
     torch.testing.assert_close(net(x), ref)
 
 
-@pytest.mark.slow
-def test_synthetic_shift_is_measurable_and_bn_recovers(tmp_path):
-    """The default run: trained on site A, held-out A beats every other site; bn recovers."""
-    src = run_experiment(RunConfig(method="finetune", out_dir=str(tmp_path)))
-    ba = {k: v["balanced_accuracy"] for k, v in src["metrics"].items()}
-    assert ba["site-a"] > 0.7, ba  # chance is 0.25
-    for site in ("site-b", "site-c", "site-d"):
-        assert ba[site] < ba["site-a"] - 0.08, ba
-    bn = run_experiment(RunConfig(method="bn", out_dir=str(tmp_path)))
-    assert bn["source"]["training"].get("reused"), "bn should reuse the trained source model"
-    shifted = {
-        r["config"]["method"]: r["summary"]["balanced_accuracy"]["shifted"] for r in (src, bn)
-    }
-    assert shifted["bn"] > shifted["finetune"] + 0.1, shifted
-
-
 def test_run_record_contents_and_reuse(tmp_path):
     cfg = RunConfig(
         method="finetune", data_options=SMALL, out_dir=str(tmp_path), method_options={"epochs": 2}

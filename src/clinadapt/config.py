@@ -26,7 +26,11 @@ class SourceConfig(BaseModel):
     fitted earlier is read from (``from``)."""
 
     model_config = ConfigDict(
-        extra="forbid", validate_by_name=True, validate_by_alias=True, serialize_by_alias=True
+        extra="forbid",
+        allow_inf_nan=False,
+        validate_by_name=True,
+        validate_by_alias=True,
+        serialize_by_alias=True,
     )
     method: str = Field(
         None,  # type: ignore[assignment]
@@ -48,7 +52,7 @@ class SourceConfig(BaseModel):
 class EvaluationConfig(BaseModel):
     """How each test set is evaluated beyond the headline metrics."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     n_boot: int = Field(200, ge=0, description="bootstrap resamples for the CIs (0: no CIs)")
     alpha: float = Field(0.05, gt=0, lt=1, description="CI level is 1 - alpha")
     target_error: float = Field(
@@ -76,7 +80,7 @@ class EvaluationConfig(BaseModel):
 class RunConfig(BaseModel):
     """One experiment: model x target x method x data x shift, plus a seed."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, protected_namespaces=())
     model: str = Field(
         None,  # type: ignore[assignment]
         description="registered model name or timm:/hf:/open_clip: id (default: the task's "

@@ -22,7 +22,7 @@ from clinadapt.classifier import ImageClassifier
 from clinadapt.compute import active_autocast
 from clinadapt.data.base import ClinicalDataset
 from clinadapt.errors import DataError
-from clinadapt.progress import progress, status
+from clinadapt.progress import progress, warn
 from clinadapt.store import atomic_path
 
 CACHE_ENV = "CLINADAPT_CACHE"
@@ -118,6 +118,12 @@ class FeatureCache:
         if feats is None:
             self.misses += 1
             feats = embed(model, ds, batch_size, device)
+            bad = np.flatnonzero(~np.isfinite(feats).all(axis=1))
+            if len(bad):
+                raise DataError(
+                    f"model {model.encoder.name!r} gives non-finite features for {len(bad)} "
+                    f"image(s) of {ds.name}, e.g. {ds.describe(int(bad[0]))}"
+                )
             self.embedded += len(ds)
             self._write(key, feats, model, ds)
         else:
@@ -136,10 +142,13 @@ class FeatureCache:
         try:
             feats = load_file(str(path))["features"]
         except (OSError, KeyError, SafetensorError) as e:
-            status(f"feature cache: {path.name} unreadable ({e}); embedding again")
+            warn(f"feature cache {path} is unreadable ({e}); embedding again")
             return None
         if feats.shape != (n, dim):
-            status(f"feature cache: {path.name} holds {feats.shape}, expected {(n, dim)}; again")
+            warn(f"feature cache {path} holds {feats.shape}, expected {(n, dim)}; embedding again")
+            return None
+        if not np.isfinite(feats).all():  # a damaged file would give NaN probabilities later
+            warn(f"feature cache {path} holds non-finite values; embedding again")
             return None
         return feats
 

@@ -25,6 +25,7 @@ from clinadapt.features import FeatureCache, resolve_cache_dir, rows_in
 from clinadapt.methods import METHODS, Context
 from clinadapt.methods.base import logits_to_proba
 from clinadapt.methods.frozen import FrozenFeatureMethod, LabelledFeatures, head_logits
+from clinadapt.preflight import check_data_options, check_out_dir
 from clinadapt.progress import bar, status
 from clinadapt.record import (
     build_record,
@@ -166,6 +167,8 @@ def run_fewshot_sweep(
     check_precision(base.precision, device)
     base = base.model_copy(update={"device": device})
     compute = describe_compute(requested, device, base.precision)
+    check_out_dir(base.out_dir)  # before the dataset is read and embedded
+    check_data_options(base.data, base.data_options)
     configs = run_configs(base, list(methods), list(shots), list(seeds), method_options)
     out = Path(base.out_dir)
     cache = FeatureCache(resolve_cache_dir(out / "cache" / "features"))

@@ -27,7 +27,8 @@ from clinadapt.methods.budget import LabelledBudget
 from clinadapt.methods.tta.protocol import order_stream, run_tta, source_method_for
 from clinadapt.models import load_model
 from clinadapt.models.base import FoundationModel
-from clinadapt.progress import status, status_once
+from clinadapt.preflight import check_run
+from clinadapt.progress import status, status_once, warn
 from clinadapt.record import build_record, summarise, versions
 from clinadapt.shifts import ShiftSplit, apply_shift
 from clinadapt.targets import (
@@ -161,7 +162,8 @@ def fit_source(
     model = build_classifier(
         cfg, split.train.num_classes, split.train.class_names, encoder=ctx.encoder
     )
-    info = apply_target(model, target, cfg.target_options if method_name == cfg.method else None)
+    target_options = cfg.target_options if method_name == cfg.method else None
+    info = apply_target(model, target, target_options)
     # domain-adaptation methods (dapl) also see the shifted test images, without labels
     unlabelled = unlabelled_targets(split) if method.uses_unlabelled else {}
     ctx = dataclasses.replace(ctx, unlabelled=unlabelled, target=info)
@@ -170,9 +172,15 @@ def fit_source(
     ckpt = Path(cfg.out_dir) / "cache" / f"fit-{key}.safetensors"
     weights = f"cache/{ckpt.name}"  # the record's link to the fitted model, beside the record
     if ckpt.exists():
-        status_once(f"reusing trained model {ckpt.name}")
-        method.load_adapted(model, load_file(str(ckpt), device=cfg.device))
-        return model, info, {"reused": ckpt.name, "weights": weights}, budget
+        if _load_fit(method, model, ckpt, cfg.device):
+            status_once(f"reusing trained model {ckpt.name}")
+            return model, info, {"reused": ckpt.name, "weights": weights}, budget
+        # a damaged cache may have half-loaded: train from the same fresh start as always
+        model = build_classifier(
+            cfg, split.train.num_classes, split.train.class_names, encoder=ctx.encoder
+        )
+        info = apply_target(model, target, target_options)
+        ctx = dataclasses.replace(ctx, target=info)
     status(
         f"training {cfg.model} with {method_name} on {budget.train.name} "
         f"({len(budget.train)} images, target {target})"
@@ -218,6 +226,24 @@ def source_from(
         )
     status(f"test-time adapting the model of {cfg.source.from_} (method {fitted.method})")
     return fitted.model, fitted.target, fitted.method, fitted.origin
+
+
+def _load_fit(method: FitMethod, model: ImageClassifier, path: Path, device: str) -> bool:
+    """Load a cached fit into ``model``; a damaged file is reported by name and trained again.
+
+    Truncated or foreign files, tensors that do not fit and non-finite values (which would turn
+    every prediction into NaN) all count as damaged.
+    """
+    try:
+        state = load_file(str(path), device=device)
+        bad = [k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()]
+        if bad:
+            raise ValueError(f"non-finite values in {bad[:3]}")
+        method.load_adapted(model, state)
+    except Exception as e:
+        warn(f"cached fit {path} is damaged ({type(e).__name__}: {e}); training again")
+        return False
+    return True
 
 
 def classification_outcome(
@@ -358,6 +384,7 @@ def run_experiment(
     The task comes from the dataset (classification or segmentation): it builds the predictor,
     fits or adapts it, predicts and evaluates every test set; the record is the same for all.
     """
+    check_run(cfg)  # options, device, output folder: before any data is read
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     requested = cfg.device

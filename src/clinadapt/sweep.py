@@ -31,6 +31,7 @@ from typing import Any
 
 from clinadapt.config import RunConfig, apply_settings, read_yaml_mapping, run_config, set_dotted
 from clinadapt.errors import ConfigError
+from clinadapt.preflight import check_run
 from clinadapt.progress import bar, is_quiet, set_quiet, status
 from clinadapt.record import existing_record
 from clinadapt.store import write_record
@@ -164,6 +165,8 @@ def run_sweep(
     configs = sweep.configs() if isinstance(sweep, Sweep) else list(sweep)
     if workers < 1:
         raise ConfigError(f"workers must be >= 1, got {workers}")
+    for cfg in configs:  # every run's options before the first run starts
+        check_run(cfg)
     result = SweepResult(total=len(configs))
     todo = []
     for cfg in configs:

@@ -7,6 +7,8 @@ torch) are imported when a dataset is loaded.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,12 +43,21 @@ def load_dataset(name_or_path: str | Path, **kwargs: Any) -> ClinicalDataset:
     a manifest with a ``mask`` column, or a NIfTI volume with ``labels=`` its label volume.
     """
     key = str(name_or_path)
-    if key in DATASETS:
-        if "generated" in DATASETS.entry(key).tags:  # a function of its options: built once
-            from clinadapt.data.cache import load_cached
+    if key in DATASETS and "generated" in DATASETS.entry(key).tags:
+        from clinadapt.data.cache import load_cached  # a function of its options: built once
 
-            return load_cached(key, DATASETS.get(key), kwargs)
-        return DATASETS.get(key)(**kwargs)
+        return load_cached(key, DATASETS.get(key), kwargs)
+    return dataset_reader(name_or_path, kwargs)(**kwargs)
+
+
+def dataset_reader(
+    name_or_path: str | Path, options: dict[str, Any] | None = None
+) -> Callable[..., ClinicalDataset]:
+    """The function that reads ``name_or_path`` given ``options`` (its path already bound)."""
+    options = options or {}
+    key = str(name_or_path)
+    if key in DATASETS:
+        return DATASETS.get(key)
     path = Path(key).expanduser()
     if not path.exists():
         raise DataError(
@@ -58,31 +69,31 @@ def load_dataset(name_or_path: str | Path, **kwargs: Any) -> ClinicalDataset:
     name = path.name.lower()
     if path.is_dir():
         if (path / "manifest.csv").exists():
-            return _manifest(path / "manifest.csv", kwargs)
+            return partial(_manifest_reader(path / "manifest.csv", options), path / "manifest.csv")
         if seg_readers.is_mask_folder(path):
-            return seg_readers.load_mask_folder(path, **kwargs)
-        return folder.load_image_folder(path, **kwargs)
+            return partial(seg_readers.load_mask_folder, path)
+        return partial(folder.load_image_folder, path)
     if name.endswith(".csv"):
-        return _manifest(path, kwargs)
+        return partial(_manifest_reader(path, options), path)
     if name.endswith(".npz"):
-        return medmnist.load_medmnist_npz(path, **kwargs)
+        return partial(medmnist.load_medmnist_npz, path)
     if name.endswith((".nii", ".nii.gz")):
-        if "labels" in kwargs:
-            return seg_readers.load_nifti_segmentation(path, **kwargs)
-        return nifti.load_nifti_volume(path, **kwargs)
+        if "labels" in options:
+            return partial(seg_readers.load_nifti_segmentation, path)
+        return partial(nifti.load_nifti_volume, path)
     raise DataError(
         f"{key}: cannot tell how to read this file; give a directory, a .csv manifest, a "
         "MedMNIST .npz or a NIfTI volume"
     )
 
 
-def _manifest(path: Path, kwargs: dict[str, Any]) -> ClinicalDataset:
+def _manifest_reader(path: Path, options: dict[str, Any]) -> Callable[..., ClinicalDataset]:
     """A CSV manifest: segmentation when it has a mask column, else classification."""
     from clinadapt.data import folder, seg_readers
 
-    if seg_readers.has_mask_column(path, kwargs.get("mask_col", "mask")):
-        return seg_readers.load_seg_manifest(path, **kwargs)
-    return folder.load_manifest(path, **kwargs)
+    if seg_readers.has_mask_column(path, options.get("mask_col", "mask")):
+        return seg_readers.load_seg_manifest
+    return folder.load_manifest
 
 
 def list_datasets() -> list[str]:
@@ -98,6 +109,7 @@ __all__ = [
     "FileSource",
     "ImageSource",
     "check_image",
+    "dataset_reader",
     "list_datasets",
     "load_dataset",
 ]

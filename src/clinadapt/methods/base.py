@@ -26,9 +26,10 @@ if TYPE_CHECKING:
 
 
 class Options(BaseModel):
-    """Base of every method's typed options: unknown fields are an error, not ignored."""
+    """Base of every method's typed options: unknown fields and non-finite numbers (lr=inf) are
+    errors, not ignored."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 @dataclass

@@ -542,7 +542,7 @@ class PromptSpec(BaseModel):
     dataset, so an image's prompts do not depend on stream order, the method or the view.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     kind: Literal["box", "points", "box+points", "mask", "none"] = Field(
         "box", description="what is derived from the reference (MedSAM: box)"

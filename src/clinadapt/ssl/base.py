@@ -20,7 +20,7 @@ SSL_METHODS: Registry = Registry("pre-training method")
 class Options(BaseModel):
     """Base of each method's typed options: unknown fields are an error, not ignored."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class SSLMethod(nn.Module, abc.ABC):

@@ -12,7 +12,7 @@ from clinadapt.validate import parse_model
 class PretrainConfig(BaseModel):
     """Model, unlabelled data, self-supervised method and the training budget."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: str = Field("tiny-vit", description="model name or library id to pre-train")
     model_options: dict[str, Any] = Field(

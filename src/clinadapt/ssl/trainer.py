@@ -23,6 +23,7 @@ from clinadapt.data.base import ClinicalDataset
 from clinadapt.errors import ConfigError, DataError
 from clinadapt.models import load_model
 from clinadapt.models.base import Preprocessing
+from clinadapt.preflight import check_data_options, check_out_dir
 from clinadapt.progress import bar, status
 from clinadapt.ssl import checkpoint as ckpt
 from clinadapt.ssl.augment import Augmenter, policy_for_modality
@@ -217,8 +218,8 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     device = resolve_device(requested)
     check_precision(cfg.precision, device)
     cfg = cfg.model_copy(update={"device": device})
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_out_dir(cfg.out_dir)  # before any work: output folder, data options
+    check_data_options(cfg.data, cfg.data_options)
     state_path = out / ckpt.STATE_FILE
     state = ckpt.load_state(state_path) if state_path.is_file() else None  # before any work
     if state is not None and state["identity"] != cfg.identity():

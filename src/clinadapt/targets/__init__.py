@@ -6,7 +6,14 @@ Declared in ``targets.json``; each target's module is imported the first time it
 from clinadapt._lazy import lazy_exports
 from clinadapt.targets.registry import TARGETS
 
-_BASE = ("Target", "TargetInfo", "TargetOptions", "apply_target", "count_parameters")
+_BASE = (
+    "Target",
+    "TargetInfo",
+    "TargetOptions",
+    "apply_target",
+    "check_target",
+    "count_parameters",
+)
 __getattr__ = lazy_exports(
     __name__,
     {name: "clinadapt.targets.base" for name in _BASE}
@@ -28,6 +35,7 @@ __all__ = [
     "TargetOptions",
     "adaptive_softmax",
     "apply_target",
+    "check_target",
     "count_parameters",
     "enable_adaptive_temperature",
     "load_adapted",

@@ -17,7 +17,7 @@ from clinadapt.validate import parse_model
 class TargetOptions(BaseModel):
     """Base of a target's typed options: unknown fields are an error, not ignored."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,21 @@ def split_options(parts: list[str], spec: str, options: dict[str, Any]) -> dict[
     return {p: dict(options.get(p) or {}) for p in parts}
 
 
+def check_target(
+    spec: str, options: dict[str, dict[str, Any]] | dict[str, Any] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Each part of ``spec`` with its validated options (no model needed: a run checks its
+    target before any work)."""
+    parts = [p.strip() for p in spec.split("+") if p.strip()]
+    if not parts:
+        raise ConfigError(f"empty target spec {spec!r}")
+    if len(set(parts)) != len(parts):
+        raise ConfigError(f"target spec {spec!r} names a part twice")
+    targets = {part: TARGETS.get(part)() for part in parts}
+    raw = split_options(parts, spec, dict(options or {}))
+    return {part: targets[part].parse_options(raw[part]) for part in parts}
+
+
 def apply_target(
     model: nn.Module, spec: str, options: dict[str, dict[str, Any]] | dict[str, Any] | None = None
 ) -> TargetInfo:
@@ -102,14 +117,9 @@ def apply_target(
     ``options`` holds either one target's options, or a mapping from each part's name to its
     options for combinations (``{"lora": {"rank": 4}}``).
     """
-    parts = [p.strip() for p in spec.split("+") if p.strip()]
-    if not parts:
-        raise ConfigError(f"empty target spec {spec!r}")
-    if len(set(parts)) != len(parts):
-        raise ConfigError(f"target spec {spec!r} names a part twice")
+    parsed = check_target(spec, options)
+    parts = list(parsed)
     targets = {part: TARGETS.get(part)() for part in parts}
-    raw = split_options(parts, spec, dict(options or {}))
-    parsed = {part: targets[part].parse_options(raw[part]) for part in parts}
     for p in model.parameters():
         p.requires_grad_(False)
     for part in parts:
