@@ -269,14 +269,11 @@ def _run_one(cfg: RunConfig, emb: _Embedded, compute: dict[str, Any]) -> dict[st
         task=task,
         data=ds,
         split=split,
-        model=outcome.model,
-        target=outcome.target,
-        method=outcome.method,
+        outcome=outcome,
         evaluations=evals,
         timings={"fit_s": fit_s, "evaluate_s": evaluate_s},
         run_versions=emb.versions,
         compute=compute,
-        **outcome.parts,
     ).to_dict()
     task.write(cfg.out_dir, record, outcome)
     return record

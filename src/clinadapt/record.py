@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from clinadapt.config import RunConfig
     from clinadapt.data.base import ClinicalDataset
     from clinadapt.shifts import ShiftSplit
-    from clinadapt.tasks.base import Task
+    from clinadapt.tasks.base import Outcome, Task
 
 #: Version of the record layout; records of every version listed in READABLE load.
 SCHEMA = 2
@@ -124,21 +124,18 @@ def build_record(
     task: Task,
     data: ClinicalDataset,
     split: ShiftSplit,
-    model: dict[str, Any],
-    target: dict[str, Any],
-    method: dict[str, Any],
+    outcome: Outcome,
     evaluations: Mapping[str, Mapping[str, Any]],
     timings: Mapping[str, float],
     run_versions: dict[str, str] | None = None,
-    adaptive_temperature: dict[str, Any] | None = None,
     **parts: Any,
 ) -> RunRecord:
-    """The record of one run of ``cfg``.
+    """The record of one run of ``cfg``: what ``task.run`` produced and ``task.evaluate`` measured.
 
-    ``evaluations[set]`` is what ``task.evaluate`` returned for the set (``metrics`` and the
-    task's ``evaluation_parts``); ``adaptive_temperature`` what evaluation switched on (None:
-    nothing); ``parts`` are the kind's own parts (``training``, ``tta``, ``source``,
-    ``fewshot``, ``prompts``, ...).
+    ``outcome`` gives the record's ``model``, ``target`` and ``method`` and the kind's own parts
+    (``training``, ``tta``, ``source``, ``fewshot``, ``prompts``, ``adaptive_temperature``,
+    ...); ``evaluations[set]`` holds ``metrics`` and the task's ``evaluation_parts``;
+    ``parts`` are the run's own (``compute``: where and at which precision it ran).
     """
     metrics = {name: dict(e["metrics"]) for name, e in evaluations.items()}
     fields: dict[str, Any] = {
@@ -151,18 +148,18 @@ def build_record(
         "task": task.name,
         "data": {**data.summary(), "class_names": list(data.class_names)},
         "shift": split.describe(),
-        "model": model,
-        "target": target,
-        "method": method,
+        "model": outcome.model,
+        "target": outcome.target,
+        "method": outcome.method,
         "metrics": metrics,
         "summary": summarise(metrics, split.in_domain, task.summary_metrics),
-        "adaptive_temperature": adaptive_temperature,
         "timings": dict(timings),
         **{
             part: {name: e[part] for name, e in evaluations.items() if part in e}
             for part in task.evaluation_parts
             if any(part in e for e in evaluations.values())
         },
+        **outcome.parts,
         **parts,
     }
     return RunRecord.model_validate(fields)

@@ -421,13 +421,10 @@ def run_experiment(
         task=task,
         data=ds,
         split=split,
-        model=outcome.model,
-        target=outcome.target,
-        method=outcome.method,
+        outcome=outcome,
         evaluations=evals,
         timings=timings,
         compute=describe_compute(requested, device, cfg.precision),
-        **outcome.parts,
     ).to_dict()
     if write:
         task.write(cfg.out_dir, record, outcome)
