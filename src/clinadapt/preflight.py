@@ -94,8 +94,11 @@ def check_data_options(data: str, options: Mapping[str, Any]) -> None:
         check_call_options(reader, options, f"data_options of {data!r}")
 
 
-def check_run(cfg: RunConfig) -> None:
-    """Everything about ``cfg`` that can be checked without data or a model."""
+def check_run(cfg: RunConfig, data: bool = True) -> None:
+    """Everything about ``cfg`` that can be checked without data or a model.
+
+    ``data=False``: the run is given a dataset object, so ``cfg.data`` names no reader.
+    """
     from clinadapt.compute import check_precision, resolve_device
     from clinadapt.methods import METHODS, TTAMethod
     from clinadapt.methods.tta.protocol import source_method_for
@@ -112,7 +115,8 @@ def check_run(cfg: RunConfig) -> None:
         METHODS.get(source_method_for(method, cfg.source.method))().parse_options(
             cfg.source.options
         )
-    check_data_options(cfg.data, cfg.data_options)
+    if data:
+        check_data_options(cfg.data, cfg.data_options)
     check_call_options(
         SHIFTS.get(cfg.shift), cfg.shift_options, f"shift {cfg.shift!r}", skip=("ds", "seed")
     )

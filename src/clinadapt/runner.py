@@ -384,7 +384,7 @@ def run_experiment(
     The task comes from the dataset (classification or segmentation): it builds the predictor,
     fits or adapts it, predicts and evaluates every test set; the record is the same for all.
     """
-    check_run(cfg)  # options, device, output folder: before any data is read
+    check_run(cfg, data=dataset is None)  # options, device, folder: before any data is read
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     requested = cfg.device
