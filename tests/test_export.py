@@ -186,7 +186,7 @@ def test_open_clip_export_of_a_zero_shot_head(tmp_path):
 
 def test_exports_refuse_what_the_format_cannot_hold(tmp_path):
     path, _ = _fit(tmp_path, "tiny-vit", "lora+head")
-    with pytest.raises(IncompatibleError, match="needs an open_clip model"):
+    with pytest.raises(IncompatibleError, match="needs a model of the open_clip family"):
         export_model(path, "open_clip", tmp_path / "x")
     knn, _ = _fit(tmp_path, "tiny-vit", None, method="knn")
     with pytest.raises(IncompatibleError, match="only linear heads"):

@@ -118,3 +118,14 @@ def test_model_specs_are_data(tmp_path):
     bad.write_text(json.dumps([{"name": "m", "arch": "a", "colour": 1}]))
     with pytest.raises(RegistryError, match=r"x_family\.json"):
         read_specs(bad, "timm")
+
+
+@pytest.mark.parametrize("kind", ["shifts", "datasets"])
+def test_declared_option_descriptions_match_the_signatures(kind):
+    from clinadapt.catalog import details
+
+    for entry in _registry(kind).entries():
+        described = set(entry.info.get("options", {}))
+        shown = details(kind, entry.name)["options"]
+        assert {o["name"] for o in shown} == described, entry.name
+        assert all(o["description"] for o in shown), entry.name

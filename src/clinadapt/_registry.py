@@ -11,10 +11,10 @@ from __future__ import annotations
 import difflib
 import importlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from clinadapt.errors import RegistryError
 
@@ -30,6 +30,8 @@ class Entry(Generic[T]):
     tags: tuple[str, ...] = ()
     module: str | None = None
     registry: Registry[T] | None = field(default=None, repr=False, compare=False)
+    #: the declaration's other fields (e.g. ``options``: a description per option)
+    info: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def obj(self) -> T:
@@ -54,12 +56,19 @@ class Registry(Generic[T]):
         if not isinstance(name, str) or name != name.lower() or not name or " " in name:
             raise RegistryError(f"{self.kind} name {name!r} must be lowercase with no spaces")
 
-    def declare(self, name: str, module: str, help: str, tags: tuple[str, ...] = ()) -> None:
+    def declare(
+        self,
+        name: str,
+        module: str,
+        help: str,
+        tags: tuple[str, ...] = (),
+        info: Mapping[str, Any] | None = None,
+    ) -> None:
         """Declare that ``module`` registers ``name`` (listed now, imported when used)."""
         self._check_name(name)
         if name in self._entries:
             raise RegistryError(f"{self.kind} {name!r} is declared twice")
-        self._entries[name] = Entry(name, help, tuple(tags), module, self)
+        self._entries[name] = Entry(name, help, tuple(tags), module, self, dict(info or {}))
 
     def declare_index(self, path: str | Path) -> None:
         """Declare every entry of a JSON file ``{name: {module, help, tags}}``."""
@@ -71,7 +80,10 @@ class Registry(Generic[T]):
         for name, item in data.items():
             if not isinstance(item, dict) or not isinstance(item.get("module"), str):
                 raise RegistryError(f"{path}: entry {name!r} needs a 'module'")
-            self.declare(name, item["module"], item.get("help", ""), tuple(item.get("tags", ())))
+            info = {k: v for k, v in item.items() if k not in ("module", "help", "tags")}
+            self.declare(
+                name, item["module"], item.get("help", ""), tuple(item.get("tags", ())), info
+            )
 
     def register(
         self, name: str, obj: T | None = None, *, help: str = "", tags: tuple[str, ...] = ()

@@ -7,43 +7,29 @@ entry (its typed options) import the module that defines it.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 import typing
 from typing import Any
 
-KINDS = ("models", "datasets", "methods", "targets", "shifts", "corruptions", "segmenters")
+#: where each listing's registry lives (all torch-free modules)
+_REGISTRIES = {
+    "models": ("clinadapt.models.registry", "MODELS"),
+    "datasets": ("clinadapt.data.registry", "DATASETS"),
+    "methods": ("clinadapt.methods.registry", "METHODS"),
+    "targets": ("clinadapt.targets.registry", "TARGETS"),
+    "shifts": ("clinadapt.shifts.registry", "SHIFTS"),
+    "corruptions": ("clinadapt.shifts.corruptions.registry", "CORRUPTIONS"),
+    "segmenters": ("clinadapt.segmentation.specs", "SEGMENTERS"),
+}
+KINDS = tuple(_REGISTRIES)
 
 
 def _registry(kind: str) -> Any:
-    if kind == "models":
-        from clinadapt.models.registry import MODELS
-
-        return MODELS
-    if kind == "datasets":
-        from clinadapt.data.registry import DATASETS
-
-        return DATASETS
-    if kind == "methods":
-        from clinadapt.methods.registry import METHODS
-
-        return METHODS
-    if kind == "targets":
-        from clinadapt.targets.registry import TARGETS
-
-        return TARGETS
-    if kind == "shifts":
-        from clinadapt.shifts.registry import SHIFTS
-
-        return SHIFTS
-    if kind == "corruptions":
-        from clinadapt.shifts.corruptions.registry import CORRUPTIONS
-
-        return CORRUPTIONS
-    if kind == "segmenters":
-        from clinadapt.segmentation.specs import SEGMENTERS
-
-        return SEGMENTERS
-    raise ValueError(f"unknown catalog {kind!r}; one of {KINDS}")
+    if kind not in _REGISTRIES:
+        raise ValueError(f"unknown catalog {kind!r}; one of {KINDS}")
+    module, name = _REGISTRIES[kind]
+    return getattr(importlib.import_module(module), name)
 
 
 def listing(kind: str) -> list[dict[str, Any]]:
@@ -57,13 +43,20 @@ def listing(kind: str) -> list[dict[str, Any]]:
     return out
 
 
-def signature_options(fn: Any, skip: int = 1) -> list[dict[str, Any]]:
+def signature_options(
+    fn: Any,
+    skip: int = 1,
+    hide: tuple[str, ...] = (),
+    descriptions: dict[str, str] | None = None,
+) -> list[dict[str, Any]]:
     """Keyword options of a function (shift protocols, dataset loaders), after ``skip``
-    positional parameters: name, type, default and the description an ``Annotated`` gives."""
+    positional parameters and without ``hide``: name, type, default and description (from the
+    declaration's ``descriptions``, or an ``Annotated`` string)."""
     hints = typing.get_type_hints(fn, include_extras=True)
+    descriptions = descriptions or {}
     out = []
     for p in list(inspect.signature(fn).parameters.values())[skip:]:
-        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name == "seed":
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name in hide:
             continue
         hint = hints.get(p.name, p.annotation)
         description = ""
@@ -73,6 +66,7 @@ def signature_options(fn: Any, skip: int = 1) -> list[dict[str, Any]]:
                 (getattr(x, "description", None) or "" for x in extras if x is not None), ""
             )
             description = description or next((x for x in extras if isinstance(x, str)), "")
+        description = descriptions.get(p.name, description)
         type_text = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
         default = "(required)" if p.default is p.empty else p.default
         out.append(
@@ -96,12 +90,14 @@ def details(kind: str, name: str) -> dict[str, Any]:
     elif kind == "targets":
         options = getattr(obj, "Options", None)
         info["options"] = describe_options(options) if options is not None else []
-    elif kind == "shifts":
-        info["options"] = signature_options(obj)
+    elif kind == "shifts":  # the runner passes the seed
+        described = dict(entry.info.get("options", {}))
+        info["options"] = signature_options(obj, hide=("seed",), descriptions=described)
     elif kind == "datasets":
         fn = getattr(obj, "func", obj)  # functools.partial of a loader
         skip = len(getattr(obj, "args", ()))
-        info["options"] = signature_options(fn, skip=skip)
+        described = dict(entry.info.get("options", {}))
+        info["options"] = signature_options(fn, skip=skip, descriptions=described)
     elif kind == "models":
         info.update(obj.to_dict())
     elif kind == "segmenters":

@@ -11,12 +11,25 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
 
 from clinadapt.errors import ConfigError
 
 Precision = Literal["fp32", "bf16", "fp16"]
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
+#: the config fields (run and pre-training configs alike)
+DeviceField = Annotated[
+    str, Field(description="torch device: auto (cuda, else mps, else cpu), cpu, cuda, cuda:1, mps")
+]
+PrecisionField = Annotated[
+    Precision,
+    Field(
+        description="fp32, or mixed precision (autocast) of training, test-time adaptation and "
+        "inference: bf16 (CPU or GPU) or fp16 (GPU, loss scaled)"
+    ),
+]
 
 
 def resolve_device(name: str | None = "auto") -> str:

@@ -12,6 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from clinadapt.compute import DeviceField, PrecisionField
 from clinadapt.errors import ConfigError
 from clinadapt.validate import parse_model
 
@@ -158,14 +159,8 @@ class RunConfig(BaseModel):
         description="at evaluation, sharpen ViT attention and output softmax with the "
         "entropy-based adaptive temperature of Velickovic et al. (ICML 2025); no training",
     )
-    device: str = Field(
-        "auto", description="torch device: auto (cuda, else mps, else cpu), cpu, cuda, cuda:1, mps"
-    )
-    precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32",
-        description="fp32, or mixed precision: bf16 (CPU or GPU) or fp16 (GPU, loss scaled) "
-        "autocast for training, test-time adaptation and inference",
-    )
+    device: DeviceField = "auto"
+    precision: PrecisionField = "fp32"
     loader_workers: int | None = Field(
         None,
         ge=0,

@@ -18,6 +18,8 @@ _TABLE = json.loads(Path(__file__).with_name("medmnist.json").read_text())
 ZENODO_RECORD: str = _TABLE["zenodo_record"]
 SIZES: tuple[int, ...] = tuple(_TABLE["sizes"])
 FLAGS_3D: tuple[str, ...] = tuple(_TABLE["flags_3d"])
+#: what each keyword of ``load_medmnist`` does (the dataset listing shows it)
+LOADER_OPTIONS: dict[str, str] = dict(_TABLE["loader_options"])
 
 
 @dataclass(frozen=True)

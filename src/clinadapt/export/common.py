@@ -14,7 +14,7 @@ from clinadapt.classifier import ImageClassifier
 from clinadapt.errors import IncompatibleError
 from clinadapt.fitted import Fitted
 from clinadapt.store import atomic_path
-from clinadapt.targets.lora import lora_layers, merge_and_unload_lora
+from clinadapt.targets.lora import merge_and_unload_lora
 
 #: the metadata file every export folder holds beside the library's own files
 METADATA_FILE = "clinadapt_export.json"
@@ -51,8 +51,22 @@ def merged_copy(model: ImageClassifier) -> ImageClassifier:
     return out
 
 
-def has_lora(model: nn.Module) -> bool:
-    return bool(lora_layers(model))
+def library_model(enc: nn.Module) -> nn.Module:
+    """The library's own whole model behind an encoder (CLIP-like: both towers), as the user
+    loads it and hands it to PEFT; else the image encoder itself."""
+    lib = getattr(enc, "_library", None)
+    return lib[0] if lib else enc.image_encoder
+
+
+def merged_for(fitted: Fitted, family: str, fmt: str) -> ImageClassifier:
+    """A merged copy of the fitted classifier, whose backbone must come from ``family``."""
+    model = merged_copy(fitted.model)
+    enc = model.encoder
+    if enc.family != family:
+        raise IncompatibleError(
+            f"--format {fmt} needs a model of the {family} family; {enc.name!r} is {enc.family}"
+        )
+    return model
 
 
 def head_tensors(model: ImageClassifier) -> dict[str, torch.Tensor]:

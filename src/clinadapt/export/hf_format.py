@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from clinadapt.errors import IncompatibleError
 from clinadapt.export.common import (
     HEAD_FILE,
     METADATA_FILE,
-    merged_copy,
+    library_model,
+    merged_for,
     metadata,
     save_head,
     write_json,
@@ -26,22 +26,13 @@ from clinadapt.fitted import Fitted
 _RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3}
 
 
-def _library_model(enc):
-    lib = getattr(enc, "_library", None)
-    return lib[0] if lib else enc.image_encoder
-
-
 def export_transformers(fitted: Fitted, out: Path) -> dict:
     """Write the adapted transformers model, its image processor and the head; return metadata."""
     from transformers import ViTImageProcessor
 
-    model = merged_copy(fitted.model)
+    model = merged_for(fitted, "hf", "transformers")
     enc = model.encoder
-    if enc.family != "hf":
-        raise IncompatibleError(
-            f"--format transformers needs a transformers model; {enc.name!r} is {enc.family}"
-        )
-    net = _library_model(enc)
+    net = library_model(enc)
     pooling = getattr(enc, "pooling", "image_embeds")
     names = list(fitted.class_names)
     net.config.id2label = dict(enumerate(names))

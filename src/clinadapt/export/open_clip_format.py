@@ -17,7 +17,7 @@ from clinadapt.errors import IncompatibleError
 from clinadapt.export.common import (
     HEAD_FILE,
     METADATA_FILE,
-    merged_copy,
+    merged_for,
     metadata,
     save_head,
     write_json,
@@ -33,12 +33,8 @@ def export_open_clip(fitted: Fitted, out: Path) -> dict:
     """Write the adapted open_clip model, its config and the head; return the metadata."""
     from safetensors.torch import save_file
 
-    model = merged_copy(fitted.model)
+    model = merged_for(fitted, "open_clip", "open_clip")
     enc = model.encoder
-    if enc.family != "open_clip":
-        raise IncompatibleError(
-            f"--format open_clip needs an open_clip model; {enc.name!r} is {enc.family}"
-        )
     config = copy.deepcopy(getattr(enc, "library_config", None) or {})
     if "model_cfg" not in config:
         raise IncompatibleError(f"{enc.name!r} was built without its open_clip config")

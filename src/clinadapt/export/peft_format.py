@@ -18,6 +18,7 @@ from clinadapt.errors import IncompatibleError
 from clinadapt.export.common import (
     HEAD_FILE,
     METADATA_FILE,
+    library_model,
     metadata,
     save_head,
     target_parts,
@@ -26,12 +27,6 @@ from clinadapt.export.common import (
 from clinadapt.export.timm_format import timm_data_config
 from clinadapt.fitted import Fitted
 from clinadapt.targets.lora import lora_layers, unload_lora
-
-
-def _root(enc) -> nn.Module:
-    """The library's own model: what the user loads and hands to PEFT."""
-    lib = getattr(enc, "_library", None)
-    return lib[0] if lib else enc.image_encoder
 
 
 def export_peft(fitted: Fitted, out: Path) -> dict:
@@ -57,7 +52,7 @@ def export_peft(fitted: Fitted, out: Path) -> dict:
             "PEFT adapter does not carry them. Export the merged model with --format "
             f"{'timm' if enc.family == 'timm' else enc.family} instead"
         )
-    root = _root(enc)
+    root = library_model(enc)
     names = [n for n, m in root.named_modules() if any(m is layer for layer in lora_layers(root))]
     state = get_peft_model_state_dict(root)
     options = fitted.target.options.get("lora", fitted.target.options)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from clinadapt.errors import IncompatibleError
-from clinadapt.export.common import METADATA_FILE, merged_copy, metadata, normalizes, write_json
+from clinadapt.export.common import METADATA_FILE, merged_for, metadata, normalizes, write_json
 from clinadapt.fitted import Fitted
 
 
@@ -35,10 +35,8 @@ def export_timm(fitted: Fitted, out: Path) -> dict:
     """Write the adapted timm model with its classifier; return the export's metadata."""
     from timm.models._hub import save_for_hf
 
-    model = merged_copy(fitted.model)
+    model = merged_for(fitted, "timm", "timm")
     enc = model.encoder
-    if enc.family != "timm":
-        raise IncompatibleError(f"--format timm needs a timm model; {enc.name!r} is {enc.family}")
     if normalizes(model):
         raise IncompatibleError(
             "this head classifies L2-normalised features (a cosine head), which a timm classifier "

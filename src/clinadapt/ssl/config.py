@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from clinadapt.compute import DeviceField, PrecisionField
 from clinadapt.validate import parse_model
 
 
@@ -67,14 +68,8 @@ class PretrainConfig(BaseModel):
         50, ge=1, description="write the resumable checkpoint every N steps"
     )
     seed: int = Field(0, description="seed of initialisation, data order and augmentation")
-    device: str = Field(
-        "auto", description="torch device: auto (cuda, else mps, else cpu), cpu, cuda, mps"
-    )
-    precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32",
-        description="fp32, or mixed precision of the training steps: bf16 (CPU or GPU) or "
-        "fp16 (GPU, loss scaled)",
-    )
+    device: DeviceField = "auto"
+    precision: PrecisionField = "fp32"
     evaluate: bool = Field(
         True, description="linear probe and k-NN on the labelled splits at the end"
     )
