@@ -186,6 +186,15 @@ class SlicedFileSource(FileSource):
         return h.hexdigest()
 
 
+def image_source(
+    paths: Sequence[str], slices: Sequence[int | None] | None, window: Window = None
+) -> FileSource:
+    """Image files read lazily, with a slice (NIfTI) or frame (DICOM) per file where given."""
+    if slices is not None and any(k is not None for k in slices):
+        return SlicedFileSource(paths, slices, window)
+    return FileSource(paths, partial(read_image_file, window=window))
+
+
 def _default_task(task: Task | None, k: int) -> Task:
     return task or ("binary" if k == 2 else "multiclass")
 
@@ -391,11 +400,7 @@ def load_manifest(
     metadata = table.metadata({path_col} | ({label_col} if label_col else set()))
 
     ds_name = name or (csv_path.parent.name if csv_path.stem == "manifest" else csv_path.stem)
-    source = (
-        SlicedFileSource(paths, slices, window)
-        if has_slice
-        else FileSource(paths, partial(read_image_file, window=window))
-    )
+    source = image_source(paths, slices if has_slice else None, window)
     return ClinicalDataset(
         name=ds_name,
         source=source,

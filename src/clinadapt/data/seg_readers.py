@@ -8,14 +8,13 @@ class areas counted. Bad input is a :class:`DataError` naming the file and the p
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from clinadapt.data.base import FileSource, ImageSource, check_image
+from clinadapt.data.base import ImageSource, check_image
 from clinadapt.data.dicom import Window
-from clinadapt.data.folder import IMAGE_EXTENSIONS, SlicedFileSource, _list_images, read_image_file
+from clinadapt.data.folder import IMAGE_EXTENSIONS, _list_images, image_source
 from clinadapt.data.manifest import SPLIT_ALIASES, ManifestTable
 from clinadapt.data.mask_files import MASK_EXTENSIONS, FileMasks, image_header, read_mask_file
 from clinadapt.data.nifti import (
@@ -166,12 +165,7 @@ def from_files(
                 pixel_mm.append(value)
                 origins.append(origin)
                 break
-    has_slice = any(k is not None for k in slices)
-    source: ImageSource = (
-        SlicedFileSource(image_paths, slices, window)
-        if has_slice
-        else FileSource(image_paths, partial(read_image_file, window=window))
-    )
+    source = image_source(image_paths, slices, window)
     return SegmentationDataset(
         name=name,
         source=source,

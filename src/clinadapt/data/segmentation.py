@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from clinadapt.data.base import SEGMENTATION, ClinicalDataset, ImageSource, Task
+from clinadapt.data.base import SEGMENTATION, ArraySource, ClinicalDataset, ImageSource, Task
 from clinadapt.errors import DataError
 
 BACKGROUND = "background"
@@ -33,7 +33,7 @@ class MaskSource(ImageSource):
         """Decode mask ``i`` as class indices (0 background, 1..C classes)."""
 
 
-class ArrayMasks(MaskSource):
+class ArrayMasks(ArraySource, MaskSource):
     """Label maps held in memory as one integer array (N,H,W) of 0..C."""
 
     def __init__(self, array: np.ndarray, num_classes: int, origin: str = "masks") -> None:
@@ -51,26 +51,11 @@ class ArrayMasks(MaskSource):
                 f"{origin}[{int(where[0])}]: label {bad} is outside 0..{num_classes} "
                 f"(background and {num_classes} classes)"
             )
-        self.array = array.astype(np.uint8)
+        super().__init__(array.astype(np.uint8), origin=origin)
         self.num_classes = int(num_classes)
-        self.origin = origin
-        self._fp: str | None = None
-
-    def __len__(self) -> int:
-        return len(self.array)
-
-    def load(self, i: int) -> np.ndarray:
-        return self.array[i]
-
-    def describe(self, i: int) -> str:
-        return f"{self.origin}[{i}]"
 
     def fingerprint(self) -> str:
-        if self._fp is None:
-            h = hashlib.sha256(f"{self.array.shape}|{self.num_classes}".encode())
-            h.update(np.ascontiguousarray(self.array).data)
-            self._fp = h.hexdigest()
-        return self._fp
+        return hashlib.sha256(f"{self.num_classes}|{super().fingerprint()}".encode()).hexdigest()
 
 
 def label_lookup(

@@ -40,6 +40,26 @@ def target_record(info: Any, method: Method) -> dict[str, Any]:
     return record_of(info, method)
 
 
+def outcome(
+    model: Any,
+    info: Any,
+    method: Method,
+    options: Any,
+    preds: dict[str, SegPredictions],
+    split: ShiftSplit,
+    parts: dict[str, Any],
+) -> Outcome:
+    """A segmentation run's outcome: what evaluate and write read (the sets' predictions and
+    views; the arrays the evaluation fills for the predictions file)."""
+    return Outcome(
+        model=model.describe(),
+        target=target_record(info, method),
+        method={"name": method.name, "kind": method.kind, "options": options.model_dump()},
+        predictions={"sets": preds, "arrays": {}, "tests": split.tests},
+        parts=parts,
+    )
+
+
 def with_prompts(split: ShiftSplit, spec: Any, seed: int) -> ShiftSplit:
     """Every view of ``split`` with the run's prompt protocol attached."""
     import dataclasses
@@ -241,13 +261,7 @@ class SegmentationTask(Task):
         parts: dict[str, Any] = {"training": summary}
         if method.uses_segmenter:
             parts["prompts"] = describe_prompts(cfg)
-        return Outcome(
-            model=model.describe(),
-            target=target_record(info, method),
-            method={"name": method.name, "kind": method.kind, "options": opts.model_dump()},
-            predictions={"sets": preds, "arrays": {}, "tests": split.tests},
-            parts=parts,
-        )
+        return outcome(model, info, method, opts, preds, split, parts)
 
     def _adapt(
         self,
@@ -314,13 +328,7 @@ class SegmentationTask(Task):
         }
         if prompted:
             parts["prompts"] = describe_prompts(cfg)
-        return Outcome(
-            model=model.describe(),
-            target=target_record(info, method),
-            method={"name": method.name, "kind": method.kind, "options": opts.model_dump()},
-            predictions={"sets": preds, "arrays": {}, "tests": split.tests},
-            parts=parts,
-        )
+        return outcome(model, info, method, opts, preds, split, parts)
 
     def evaluate(
         self, outcome: Outcome, split: ShiftSplit, cfg: RunConfig

@@ -10,6 +10,7 @@ evaluation prompts picks the best epoch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -104,56 +105,52 @@ def _step_loss(
     return torch.stack(losses).mean() if losses else None
 
 
-def validation_dice(seg: Segmenter, val: SegmentationDataset, ctx: Context) -> float:
-    """Mean Dice over ``val`` (all image x class pairs, as the U-Net baseline selects)."""
-    pred = predict_with_prompts(seg, val, ctx, desc="validate")
+def validation_dice(pred: Any, val: SegmentationDataset) -> float:
+    """Mean Dice of predictions over ``val`` (all image x class pairs: the model selection of
+    every segmentation method, U-Net included)."""
     refs = [val.mask(i) for i in range(len(val))]
-    table = score_images(pred.masks, refs, val.spacing, val.class_names)
-    return summarise_table(table)["dice"]
+    return summarise_table(score_images(pred.masks, refs, val.spacing, val.class_names))["dice"]
 
 
-def train_segmenter(
-    seg: Segmenter,
+BatchLoss = Callable[[np.ndarray, np.random.Generator], "torch.Tensor | None"]
+
+
+def fit_epochs(
+    model: torch.nn.Module,
     train: SegmentationDataset,
     val: SegmentationDataset | None,
-    options: TrainOptions,
+    options: Any,
     ctx: Context,
+    batch_loss: BatchLoss,
+    predict: Callable[[SegmentationDataset], Any],
+    desc: str = "epoch",
 ) -> dict[str, Any]:
-    """Train the parameters the target opened on ``train``; keep the best validation epoch."""
-    params = [p for p in seg.parameters() if p.requires_grad]
+    """The training loop every supervised segmentation method shares.
+
+    AdamW over the trainable parameters (``options.lr``, ``options.weight_decay``), seeded
+    shuffled batches of ``ctx.batch_size`` positions, ``batch_loss(positions, rng)`` (None:
+    nothing to learn from that batch), fp16 loss scaling, a DataError on a non-finite loss; with
+    ``val``, validation Dice after each epoch keeps the best trainable state and stops after
+    ``options.patience`` epochs without improvement.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise DataError("training needs trainable parameters; choose a target that opens some")
-    spec = train.prompt_spec
-    if spec is None:
-        raise DataError(f"{train.name}: training a segmenter needs the run's prompt protocol")
-    if spec.kind != "none" and not train.labels.any():
-        raise DataError(f"{train.name}: no training image has an object to prompt")
     opt = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
     scaler = ctx.grad_scaler()
     rng = np.random.default_rng(ctx.seed)
     torch.manual_seed(ctx.seed)
-    cache: dict[int, Any] | None = None if _encoder_trainable(seg) else {}
+    keys = _trainable_keys(model)
     history: list[dict[str, float]] = []
     best, best_epoch, best_state, waited = -np.inf, -1, None, 0
-    order_pool = np.arange(len(train))
     for epoch in range(options.epochs):
-        seg.train()
-        order = rng.permutation(order_pool)
+        model.train()
+        order = rng.permutation(len(train))
         total, steps = 0.0, 0
         batches = range(0, len(order), ctx.batch_size)
-        for start in progress(batches, f"epoch {epoch + 1}/{options.epochs}", total=len(batches)):
-            pos = order[start : start + ctx.batch_size]
-            loss = _step_loss(
-                seg,
-                [train.image(int(i)) for i in pos],
-                [train.mask(int(i)) for i in pos],
-                spec,
-                options,
-                rng,
-                train.modality,
-                cache,
-                [int(train.index[i]) for i in pos],
-            )
+        label = f"{desc} {epoch + 1}/{options.epochs}"
+        for start in progress(batches, label, total=len(batches)):
+            loss = batch_loss(order[start : start + ctx.batch_size], rng)
             if loss is None:
                 continue
             if not torch.isfinite(loss):
@@ -165,35 +162,67 @@ def train_segmenter(
             total, steps = total + loss.item(), steps + 1
         row = {"epoch": epoch + 1, "loss": total / max(steps, 1)}
         if val is not None:
-            row["val_dice"] = validation_dice(seg, val, ctx)
+            row["val_dice"] = validation_dice(predict(val), val)
             if row["val_dice"] > best:
                 best, best_epoch, waited = row["val_dice"], epoch + 1, 0
                 best_state = {
-                    k: v.detach().clone()
-                    for k, v in seg.state_dict().items()
-                    if k in _trainable_keys(seg)
+                    k: v.detach().clone() for k, v in model.state_dict().items() if k in keys
                 }
             else:
                 waited += 1
         history.append(row)
         status(
-            f"epoch {epoch + 1}: loss {row['loss']:.4f}"
+            f"{desc} {epoch + 1}: loss {row['loss']:.4f}"
             + (f", val Dice {row['val_dice']:.3f}" if "val_dice" in row else "")
         )
         if val is not None and waited >= options.patience:
             break
     if best_state is not None:
-        seg.load_state_dict(best_state, strict=False)
-    seg.eval()
+        model.load_state_dict(best_state, strict=False)
+    model.eval()
     return {
         "history": history,
         "epochs_run": len(history),
         "best_epoch": best_epoch if val is not None else len(history),
         "best_val_dice": None if val is None else float(best),
         "train_images": len(train),
-        "embeddings_cached": cache is not None,
         **({"loss_scale": float(scaler.get_scale())} if scaler.is_enabled() else {}),
     }
+
+
+def train_segmenter(
+    seg: Segmenter,
+    train: SegmentationDataset,
+    val: SegmentationDataset | None,
+    options: TrainOptions,
+    ctx: Context,
+) -> dict[str, Any]:
+    """Train the parameters the target opened on ``train``; keep the best validation epoch."""
+    spec = train.prompt_spec
+    if spec is None:
+        raise DataError(f"{train.name}: training a segmenter needs the run's prompt protocol")
+    if spec.kind != "none" and not train.labels.any():
+        raise DataError(f"{train.name}: no training image has an object to prompt")
+    cache: dict[int, Any] | None = None if _encoder_trainable(seg) else {}
+
+    def batch_loss(pos: np.ndarray, rng: np.random.Generator) -> torch.Tensor | None:
+        return _step_loss(
+            seg,
+            [train.image(int(i)) for i in pos],
+            [train.mask(int(i)) for i in pos],
+            spec,
+            options,
+            rng,
+            train.modality,
+            cache,
+            [int(train.index[i]) for i in pos],
+        )
+
+    def predict(ds: SegmentationDataset) -> Any:
+        return predict_with_prompts(seg, ds, ctx, desc="validate")
+
+    summary = fit_epochs(seg, train, val, options, ctx, batch_loss, predict)
+    return {**summary, "embeddings_cached": cache is not None}
 
 
 def _trainable_keys(seg: torch.nn.Module) -> set[str]:

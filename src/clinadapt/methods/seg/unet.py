@@ -19,11 +19,10 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from clinadapt.data.segmentation import SegmentationDataset
-from clinadapt.errors import DataError
-from clinadapt.evaluation.seg_metrics import score_images, summarise_table
 from clinadapt.methods.base import METHODS, Context, Options
 from clinadapt.methods.seg.base import SegMethod, SegPredictions
-from clinadapt.progress import progress, status
+from clinadapt.methods.seg.train import fit_epochs
+from clinadapt.progress import progress
 from clinadapt.segmentation.predict import MaskModel, ProbMap
 
 
@@ -159,60 +158,19 @@ class UNetBaseline(SegMethod):
     ) -> dict[str, Any]:
         from monai.losses import DiceCELoss
 
-        o: UNetOptions = options  # type: ignore[assignment]
         loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-        opt = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
-        scaler = ctx.grad_scaler()
-        rng = np.random.default_rng(ctx.seed)
-        history: list[dict[str, float]] = []
-        best, best_epoch, best_state, waited = -np.inf, -1, None, 0
-        for epoch in range(o.epochs):
-            model.train()
-            order = rng.permutation(len(train))
-            total, steps = 0.0, 0
-            batches = range(0, len(order), ctx.batch_size)
-            for start in progress(
-                batches, f"unet epoch {epoch + 1}/{o.epochs}", total=len(batches)
-            ):
-                pos = [int(i) for i in order[start : start + ctx.batch_size]]
-                x = torch.stack(
-                    [_to_input(train.image(i), model.in_channels, model.size) for i in pos]
-                )
-                y = torch.stack([_to_target(train.mask(i), model.size) for i in pos])
-                loss = loss_fn(model(x.to(ctx.device)).float(), y.to(ctx.device))
-                if not torch.isfinite(loss):
-                    raise DataError(f"unet: the loss became {loss.item()} at epoch {epoch + 1}")
-                opt.zero_grad()
-                scaler.scale(loss).backward()  # fp16: scaled so small gradients survive
-                scaler.step(opt)  # skips the step when fp16 gradients overflowed
-                scaler.update()
-                total, steps = total + loss.item(), steps + 1
-            row = {"epoch": epoch + 1, "loss": total / max(steps, 1)}
-            if val is not None:
-                pred = self.predict(model, val, options, ctx)
-                refs = [val.mask(i) for i in range(len(val))]
-                table = score_images(pred.masks, refs, val.spacing, val.class_names)
-                row["val_dice"] = summarise_table(table)["dice"]
-                if row["val_dice"] > best:
-                    best, best_epoch, waited = row["val_dice"], epoch + 1, 0
-                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                else:
-                    waited += 1
-            history.append(row)
-            status(f"unet epoch {epoch + 1}: loss {row['loss']:.4f}")
-            if val is not None and waited >= o.patience:
-                break
-        if best_state is not None:
-            model.load_state_dict(best_state)
-        model.eval()
-        return {
-            "history": history,
-            "epochs_run": len(history),
-            "best_epoch": best_epoch if val is not None else len(history),
-            "best_val_dice": None if val is None else float(best),
-            "train_images": len(train),
-            **({"loss_scale": float(scaler.get_scale())} if scaler.is_enabled() else {}),
-        }
+
+        def batch_loss(pos: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+            x = torch.stack(
+                [_to_input(train.image(int(i)), model.in_channels, model.size) for i in pos]
+            )
+            y = torch.stack([_to_target(train.mask(int(i)), model.size) for i in pos])
+            return loss_fn(model(x.to(ctx.device)).float(), y.to(ctx.device))
+
+        def predict(ds: SegmentationDataset) -> SegPredictions:
+            return self.predict(model, ds, options, ctx)
+
+        return fit_epochs(model, train, val, options, ctx, batch_loss, predict, desc="unet epoch")
 
     def predict(
         self, model: UNetPredictor, test: SegmentationDataset, options: Options, ctx: Context
