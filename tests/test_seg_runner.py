@@ -263,3 +263,16 @@ def test_fitting_reads_only_the_masks_its_protocol_allows(method):
         allowed = {int(train.index[p]) for p in summary["support"]["positions"]}
     assert watched.read and watched.read <= allowed
     assert not watched.read & set(ds.split("test").index.tolist())
+
+
+def test_classification_only_commands_refuse_segmentation_data(tmp_path):
+    from clinadapt.fewshot_sweep import run_fewshot_sweep
+    from clinadapt.models import load_model
+    from clinadapt.ssl.evaluate import evaluate_backbone
+
+    base = load_config(None, model="tiny-resnet", data="clinical-shift-seg", out_dir=str(tmp_path))
+    with pytest.raises(IncompatibleError, match="'prototype' is a classification method"):
+        run_fewshot_sweep(base, ["prototype"], [1], [0])
+    seg = make_clinical_shift_seg(patients_per_site=6)
+    with pytest.raises(DataError, match="not segmentation; pre-train without it"):
+        evaluate_backbone(load_model("tiny-resnet"), seg)

@@ -178,6 +178,7 @@ def run_fewshot_sweep(
     for cfg in todo:
         # every support set is drawn before the backbone runs: too few images fails at once
         method = frozen_method(cfg.method)
+        task_for(emb.ds).check(method, emb.ds)  # a classification sweep: no segmentation data
         split = emb.split(cfg.seed)
         split.train.require_classes()
         method.labelled_budget(

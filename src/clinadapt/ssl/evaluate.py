@@ -138,8 +138,11 @@ def evaluate_backbone(
     ``evaluated_on`` says which split the numbers come from and, given the pre-training pool
     ``pretrained_on``, how many of its images the backbone saw (unlabelled) while training.
     """
-    if ds.task == "multilabel":
-        raise DataError(f"{ds.name}: the probe evaluation handles single-label tasks only")
+    if ds.task in ("multilabel", "segmentation"):
+        raise DataError(
+            f"{ds.name}: the probe evaluation handles single-label classification only, not "
+            f"{ds.task}; pre-train without it (evaluate=false)"
+        )
     train, val, test = split_for_eval(ds, seed)
     xtr, xva, xte = (embed(model, d, batch_size) for d in (train, val, test))
     k = ds.num_classes
