@@ -42,3 +42,34 @@ def write_dicom(
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def write_dicom_series(
+    folder: Path,
+    volume: np.ndarray,
+    spacing: tuple[float, float] = (0.7, 0.8),
+    thickness: float = 2.5,
+    intercept: float = -1024.0,
+    drop: tuple[str, ...] = (),
+    prefix: str = "s",
+) -> Path:
+    """One CT series, a file per slice of ``volume`` (slices, rows, cols) int16, axial, in the
+    LPS frame with the given pixel spacing (row, col) and slice spacing; ``drop`` leaves tags out."""
+    series, study, frame = generate_uid(), generate_uid(), generate_uid()
+    for k, plane in enumerate(np.asarray(volume)):
+        tags = {
+            "SeriesInstanceUID": series,
+            "StudyInstanceUID": study,
+            "FrameOfReferenceUID": frame,
+            "ImagePositionPatient": [0.0, 0.0, thickness * k],
+            "ImageOrientationPatient": [1, 0, 0, 0, 1, 0],
+            "PixelSpacing": list(spacing),
+            "SliceThickness": thickness,
+            "InstanceNumber": k + 1,
+            "RescaleSlope": 1,
+            "RescaleIntercept": intercept,
+        }
+        for key in drop:
+            tags.pop(key)
+        write_dicom(folder / f"{prefix}{k:03d}.dcm", plane.astype(np.int16), **tags)
+    return folder

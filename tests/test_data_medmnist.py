@@ -205,11 +205,9 @@ def test_multilabel_values_must_be_binary(tmp_path):
         mm.load_medmnist_npz(path)
 
 
-def test_unknown_flag_3d_flag_and_size(tmp_path):
+def test_unknown_flag_and_size(tmp_path):
     with pytest.raises(DataError, match=r"unknown MedMNIST flag 'foomnist'.*pathmnist"):
         mm.load_medmnist("foomnist", root=tmp_path)
-    with pytest.raises(DataError, match="3D dataset"):
-        mm.load_medmnist("organmnist3d", root=tmp_path)
     with pytest.raises(DataError, match="unsupported MedMNIST size 32"):
         mm.load_medmnist("pathmnist", size=32, root=tmp_path)
 

@@ -38,9 +38,12 @@ def load_dataset(name_or_path: str | Path, **kwargs: Any) -> ClinicalDataset:
     (``data.cache``); every call returns a copy its caller may change freely.
 
     Paths: a directory of class folders (or with a ``manifest.csv``), a ``.csv`` manifest, a
-    MedMNIST ``.npz`` file, or a NIfTI volume (``.nii``/``.nii.gz``) read as 2D slices.
+    MedMNIST ``.npz`` file (2D or 3D), or a NIfTI volume (``.nii``/``.nii.gz``) read as 2D slices.
     Segmentation: a directory with ``images/`` and ``masks/`` (optionally under split folders),
     a manifest with a ``mask`` column, or a NIfTI volume with ``labels=`` its label volume.
+    Volumes (``volumes=True``, see :func:`clinadapt.data.volume_io.load_volume_dataset`): a
+    NIfTI file, a DICOM series folder or a CSV manifest of them; a folder with ``imagesTr/`` and
+    ``labelsTr/`` (nnU-Net, MSD) is read as volumes without asking.
     """
     key = str(name_or_path)
     if key in DATASETS and "generated" in DATASETS.entry(key).tags:
@@ -64,9 +67,11 @@ def dataset_reader(
             f"{key!r} is neither a registered dataset ({', '.join(DATASETS.names())}) "
             "nor an existing path"
         )
-    from clinadapt.data import folder, medmnist, nifti, seg_readers
+    from clinadapt.data import folder, medmnist, nifti, seg_readers, volume_io
 
     name = path.name.lower()
+    if options.get("volumes") or (path / "imagesTr").is_dir():
+        return partial(volume_io.load_volume_dataset, path)
     if path.is_dir():
         if (path / "manifest.csv").exists():
             return partial(_manifest_reader(path / "manifest.csv", options), path / "manifest.csv")

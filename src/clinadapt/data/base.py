@@ -184,6 +184,8 @@ class ClinicalDataset:
 
     # Fields holding one row per image of the view: subset() and concat() carry them along.
     PER_IMAGE: ClassVar[tuple[str, ...]] = ("labels",)
+    #: 2 for images, 3 for volumes (data.volume): models and corruptions must match it
+    spatial_dims: ClassVar[int] = 2
 
     def __post_init__(self) -> None:
         if self.index is None:

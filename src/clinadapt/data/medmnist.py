@@ -1,8 +1,10 @@
-"""MedMNIST v2 / MedMNIST+ 2D datasets from their official ``.npz`` files.
+"""MedMNIST v2 / MedMNIST+ datasets, 2D and 3D, from their official ``.npz`` files.
 
 Each file holds ``{train,val,test}_{images,labels}``: images uint8 (N,S,S) grey or (N,S,S,3) RGB,
 labels (N,1) class indices (or (N,14) multi-hot for ChestMNIST). File names are ``<flag>.npz``
-for 28x28 and ``<flag>_<size>.npz`` for 64/128/224. The facts about each set (label maps, tasks,
+for 28x28 and ``<flag>_<size>.npz`` for 64/128/224. The 3D sets (OrganMNIST3D, NoduleMNIST3D,
+AdrenalMNIST3D, FractureMNIST3D, VesselMNIST3D, SynapseMNIST3D) hold uint8 (N,S,S,S) volumes at
+28 or 64 and read as a :class:`~clinadapt.data.volume.VolumeDataset`. The facts about each set (label maps, tasks,
 channel counts, MD5s, Zenodo record) are data: ``medmnist.json``, read by ``medmnist_info``.
 """
 
@@ -23,6 +25,7 @@ import numpy as np
 from clinadapt.data.base import ClinicalDataset, ImageSource
 from clinadapt.data.medmnist_info import (
     FLAGS,
+    FLAGS_3D,
     INFO,
     SIZES,
     ZENODO_RECORD,
@@ -31,6 +34,7 @@ from clinadapt.data.medmnist_info import (
     medmnist_info,
 )
 from clinadapt.data.registry import DATASETS
+from clinadapt.data.volume import VolumeDataset, VolumeSource
 from clinadapt.env import env_flag
 from clinadapt.errors import DataError
 
@@ -40,6 +44,9 @@ _PROBE_HOST = ("zenodo.org", 443)
 
 class NpzSource(ImageSource):
     """Images of one or more MedMNIST splits, kept as separate arrays (no concatenated copy)."""
+
+    # the 3D sets: (N,S,S,S) uint8 volumes, loaded as float32 in [0, 1]
+    volumes: bool = False
 
     def __init__(self, arrays: Sequence[np.ndarray], names: Sequence[str], origin: str) -> None:
         self.arrays = list(arrays)
@@ -75,9 +82,20 @@ class NpzSource(ImageSource):
         return self._fp
 
 
-def _check_size(size: int, where: str) -> None:
-    if size not in SIZES:
-        raise DataError(f"{where}: unsupported MedMNIST size {size}; sizes are {SIZES}")
+class NpzVolumes(NpzSource, VolumeSource):
+    """The volumes of a MedMNIST 3D file's splits (uint8 on disk, float32 [0,1] when loaded)."""
+
+    volumes = True
+
+    def load(self, i: int) -> np.ndarray:
+        return super().load(i).astype(np.float32) / 255.0
+
+
+def _check_size(size: int, where: str, info: MedMNISTInfo | None = None) -> None:
+    sizes = info.sizes if info is not None else SIZES
+    if size not in sizes:
+        kind = " 3D" if info is not None and info.dims == 3 else ""
+        raise DataError(f"{where}: unsupported MedMNIST{kind} size {size}; sizes are {sizes}")
 
 
 def default_root() -> Path:
@@ -147,7 +165,7 @@ def medmnist_path(
 ) -> Path:
     """The local path of ``<flag>[_<size>].npz``, downloading it when allowed and online."""
     info = medmnist_info(flag)
-    _check_size(size, flag)
+    _check_size(size, flag, info)
     fname, url = info.file_name(size), info.url(size)
     folder = Path(root).expanduser() if root is not None else default_root()
     path = folder / fname
@@ -177,7 +195,7 @@ def load_medmnist(
     download: bool = True,
     split: str | Sequence[str] | None = None,
 ) -> ClinicalDataset:
-    """Load a MedMNIST 2D dataset (all splits, or the named ones) from its official ``.npz``."""
+    """Load a MedMNIST dataset (all splits, or the named ones) from its official ``.npz``."""
     path = medmnist_path(flag, size, root, download)
     return load_medmnist_npz(path, flag=flag, split=split, size=size)
 
@@ -205,19 +223,28 @@ def _check_split_arrays(
         raise DataError(f"{where}: {split}_images are {images.dtype}, expected uint8")
     if images.ndim == 4 and images.shape[-1] == 1:
         images = images[..., 0]
-    want_ndim = 3 if info.n_channels == 1 else 4
-    if images.ndim != want_ndim or (want_ndim == 4 and images.shape[-1] != info.n_channels):
-        want = "(N,H,W)" if info.n_channels == 1 else f"(N,H,W,{info.n_channels})"
-        raise DataError(
-            f"{where}: {split}_images have shape {images.shape}; {info.flag} images are {want}"
-        )
-    if images.shape[1] != images.shape[2]:
-        raise DataError(f"{where}: {split}_images are not square: {images.shape}")
+    if info.dims == 3:
+        if images.ndim == 5 and images.shape[1] == 1:  # (N,1,S,S,S)
+            images = images[:, 0]
+        if images.ndim != 4:
+            raise DataError(
+                f"{where}: {split}_images have shape {images.shape}; {info.flag} holds "
+                "(N,S,S,S) volumes"
+            )
+        if len(set(images.shape[1:])) != 1:
+            raise DataError(f"{where}: {split}_images are not cubes: {images.shape}")
+    else:
+        want_ndim = 3 if info.n_channels == 1 else 4
+        if images.ndim != want_ndim or (want_ndim == 4 and images.shape[-1] != info.n_channels):
+            want = "(N,H,W)" if info.n_channels == 1 else f"(N,H,W,{info.n_channels})"
+            raise DataError(
+                f"{where}: {split}_images have shape {images.shape}; {info.flag} images are {want}"
+            )
+        if images.shape[1] != images.shape[2]:
+            raise DataError(f"{where}: {split}_images are not square: {images.shape}")
     if size is not None and images.shape[1] != size:
-        raise DataError(
-            f"{where}: {split}_images are {images.shape[1]}x{images.shape[2]} but the file "
-            f"is for size {size}"
-        )
+        side = "x".join(str(v) for v in images.shape[1 : 1 + info.dims])
+        raise DataError(f"{where}: {split}_images are {side} but the file is for size {size}")
     if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == np.bool_):
         raise DataError(f"{where}: {split}_labels are {labels.dtype}, expected integers")
     if len(labels) != len(images):
@@ -270,7 +297,7 @@ def load_medmnist_npz(
     if size is None and name_flag == flag:
         size = name_size
     if size is not None:
-        _check_size(size, where)
+        _check_size(size, where, info)
     splits = list(SPLITS) if split is None else [split] if isinstance(split, str) else list(split)
     for s in splits:
         if s not in SPLITS:
@@ -306,8 +333,11 @@ def load_medmnist_npz(
     if info.domains:
         metadata["domain"] = np.array([info.domains[s] for s in split_meta])
     shape_size = arrays[0].shape[1]
+    name = info.flag if shape_size == 28 else f"{info.flag}_{shape_size}"
+    if info.dims == 3:
+        return _volume_dataset(info, name, arrays, names, labels, metadata, where, shape_size)
     return ClinicalDataset(
-        name=info.flag if shape_size == 28 else f"{info.flag}_{shape_size}",
+        name=name,
         source=NpzSource(arrays, names, where),
         labels=np.concatenate(labels),
         class_names=list(info.class_names),
@@ -317,8 +347,37 @@ def load_medmnist_npz(
     )
 
 
+def _volume_dataset(
+    info: MedMNISTInfo,
+    name: str,
+    arrays: list[np.ndarray],
+    names: list[str],
+    labels: list[np.ndarray],
+    metadata: dict[str, np.ndarray],
+    where: str,
+    size: int,
+) -> VolumeDataset:
+    """A MedMNIST 3D file as volumes, with the published voxel size where there is one."""
+    mm = (info.spacing_mm or {}).get(size)
+    n = sum(len(a) for a in arrays)
+    notes = [] if mm is not None else [f"{info.flag}: {info.note or 'voxel size not published'}"]
+    return VolumeDataset(
+        name=name,
+        source=NpzVolumes(arrays, names, where),
+        labels=np.concatenate(labels),
+        class_names=list(info.class_names),
+        task=info.task,
+        modality=info.modality,
+        metadata=metadata,
+        spacing=None if mm is None else np.full((n, 3), mm),
+        spacing_origin="MedMNIST field of view" if mm is not None else "assumed 1 mm (unknown)",
+        notes=notes,
+    )
+
+
 __all__ = [
     "FLAGS",
+    "FLAGS_3D",
     "INFO",
     "SIZES",
     "SPLITS",

@@ -1,7 +1,9 @@
-"""The facts about each MedMNIST 2D dataset, read from ``medmnist.json`` (no heavy imports).
+"""The facts about each MedMNIST dataset, read from ``medmnist.json`` (no heavy imports).
 
 The table follows the MedMNIST package's ``INFO`` (version 3.0.2): label maps, tasks, channel
-counts, the MD5 of every official file, and the Zenodo record they come from.
+counts, the MD5 of every official file, and the Zenodo record they come from. The six 3D sets
+(``dims`` 3) come as 28^3 and 64^3 volumes; where the MedMNIST v2 paper states the field of
+view, ``spacing_mm`` gives the voxel size per file size.
 """
 
 from __future__ import annotations
@@ -17,14 +19,14 @@ Task = Literal["binary", "multiclass", "multilabel"]
 _TABLE = json.loads(Path(__file__).with_name("medmnist.json").read_text())
 ZENODO_RECORD: str = _TABLE["zenodo_record"]
 SIZES: tuple[int, ...] = tuple(_TABLE["sizes"])
-FLAGS_3D: tuple[str, ...] = tuple(_TABLE["flags_3d"])
+SIZES_3D: tuple[int, ...] = tuple(_TABLE["sizes_3d"])
 #: what each keyword of ``load_medmnist`` does (the dataset listing shows it)
 LOADER_OPTIONS: dict[str, str] = dict(_TABLE["loader_options"])
 
 
 @dataclass(frozen=True)
 class MedMNISTInfo:
-    """What one MedMNIST 2D dataset holds: modality, task, channels, classes, checksums."""
+    """What one MedMNIST dataset holds: modality, task, channels, classes, checksums."""
 
     flag: str
     modality: str
@@ -35,6 +37,12 @@ class MedMNISTInfo:
     md5: dict[int, str]  # size -> MD5 of the official file
     note: str = ""
     domains: dict[str, str] | None = None  # split -> domain, where the splits differ in origin
+    dims: int = 2  # 3 for the volume sets
+    spacing_mm: dict[int, float] | None = None  # isotropic voxel size per file size, if published
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return SIZES_3D if self.dims == 3 else SIZES
 
     def file_name(self, size: int = 28) -> str:
         return f"{self.flag}.npz" if size == 28 else f"{self.flag}_{size}.npz"
@@ -50,7 +58,8 @@ class MedMNISTInfo:
         kind = task[self.task]
         if self.flag == "retinamnist":
             kind = "ordinal grades read as multi-class"
-        return f"MedMNIST {self.modality}: {self.what}; {k} classes, {kind}"
+        dims = " 3D volumes," if self.dims == 3 else ""
+        return f"MedMNIST {self.modality}:{dims} {self.what}; {k} classes, {kind}"
 
 
 INFO: dict[str, MedMNISTInfo] = {
@@ -64,19 +73,19 @@ INFO: dict[str, MedMNISTInfo] = {
         md5={int(size): md5 for size, md5 in item["md5"].items()},
         note=item.get("note", ""),
         domains=item.get("domains"),
+        dims=int(item.get("dims", 2)),
+        spacing_mm={int(k): float(v) for k, v in item["spacing_mm"].items()}
+        if "spacing_mm" in item
+        else None,
     )
     for flag, item in _TABLE["flags"].items()
 }
 FLAGS: tuple[str, ...] = tuple(INFO)
+FLAGS_3D: tuple[str, ...] = tuple(f for f, i in INFO.items() if i.dims == 3)
 
 
 def medmnist_info(flag: str) -> MedMNISTInfo:
-    """The facts about one MedMNIST 2D flag; DataError for an unknown one."""
+    """The facts about one MedMNIST flag; DataError for an unknown one."""
     if flag in INFO:
         return INFO[flag]
-    if flag in FLAGS_3D:
-        raise DataError(
-            f"MedMNIST flag {flag!r} is a 3D dataset; only the 2D ones are supported: "
-            f"{', '.join(FLAGS)}"
-        )
-    raise DataError(f"unknown MedMNIST flag {flag!r}; known 2D flags: {', '.join(FLAGS)}")
+    raise DataError(f"unknown MedMNIST flag {flag!r}; known flags: {', '.join(FLAGS)}")

@@ -14,6 +14,6 @@ for _flag, _info in INFO.items():
         _flag,
         "clinadapt.data.medmnist",
         _info.help,
-        ("medmnist", _info.modality),
+        ("medmnist", _info.modality) + (("3d",) if _info.dims == 3 else ()),
         {"options": LOADER_OPTIONS},
     )

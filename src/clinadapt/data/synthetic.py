@@ -185,20 +185,24 @@ def simulate_sites(
     split_fractions: tuple[float, float, float],
     patient: PatientFn,
     image: ImageFn,
+    profiles: dict[str, Any] | None = None,
+    min_size: int = 32,
 ) -> tuple[list[Any], dict[str, np.ndarray]]:
     """Draw patients site by site and their images; return the images and per-image metadata.
 
     ``patient(rng, site_name)`` draws one patient (its dict must hold ``female`` and ``old``);
     ``image(rng, site_name, patient)`` draws one of its images. Splits are drawn per patient, so no
     patient crosses a split; each site has its own random stream, so changing one site's size
-    leaves the others unchanged.
+    leaves the others unchanged. ``profiles`` are the sites (default :data:`SITES`); each has a
+    ``scanner`` name.
     """
-    sites = list(sites) if sites is not None else list(SITES)
-    unknown = [s for s in sites if s not in SITES]
+    profiles = SITES if profiles is None else profiles
+    sites = list(sites) if sites is not None else list(profiles)
+    unknown = [s for s in sites if s not in profiles]
     if unknown:
-        raise DataError(f"{name}: unknown site(s) {unknown}; known: {list(SITES)}")
-    if size < 32:
-        raise DataError(f"{name}: size must be at least 32, got {size}")
+        raise DataError(f"{name}: unknown site(s) {unknown}; known: {list(profiles)}")
+    if size < min_size:
+        raise DataError(f"{name}: size must be at least {min_size}, got {size}")
     if patients_per_site < 5:
         raise DataError(f"{name}: patients_per_site must be >= 5, got {patients_per_site}")
     lo, hi = images_per_patient
@@ -210,10 +214,10 @@ def simulate_sites(
         raise DataError(f"{name}: split_fractions must be >= 0 and sum to 1, got {split_fractions}")
     images: list[Any] = []
     meta: dict[str, list[str]] = {k: [] for k in META_KEYS}
-    streams = np.random.SeedSequence(seed).spawn(len(SITES))
+    streams = np.random.SeedSequence(seed).spawn(len(profiles))
     for site_name in sites:
-        site = SITES[site_name]
-        rng = np.random.default_rng(streams[list(SITES).index(site_name)])
+        site = profiles[site_name]
+        rng = np.random.default_rng(streams[list(profiles).index(site_name)])
         order = rng.permutation(patients_per_site)
         n_tr = round(split_fractions[0] * patients_per_site)
         n_va = round(split_fractions[1] * patients_per_site)
