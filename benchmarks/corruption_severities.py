@@ -9,6 +9,7 @@ levels are these, rounded.
 
     python benchmarks/corruption_severities.py
     python benchmarks/corruption_severities.py --search streak ring
+    python benchmarks/corruption_severities.py --search ring-3d motion-3d   (volumes)
 """
 
 from __future__ import annotations
@@ -32,21 +33,42 @@ PATHS: dict[str, tuple[Callable[[float], object], float]] = {
     "vignetting": (lambda t: t, 2.0),
     "hair": (lambda t: t, 20.0),
     "bubbles": (lambda t: t, 10.0),
+    # volume artefacts (reference volumes of clinical-shift-3d)
+    "bias-field-3d": (lambda t: t, 3.0),
+    "ghosting-3d": (lambda t: t, 1.0),
+    "motion-3d": (lambda t: t, 30.0),
+    "spike-3d": (lambda t: t, 3.0),
+    "rician-noise-3d": (lambda t: t, 0.5),
+    "ct-noise-3d": (lambda t: t, 0.5),
+    "streak-3d": (lambda t: t, 2.0),
+    "ring-3d": (lambda t: t, 1.0),
+    "beam-hardening-3d": (lambda t: t, 2.0),
+    "thick-slices": (lambda t: 1.0 + t, 15.0),
 }
 
 
 def search(name: str) -> list[object]:
     """Levels whose mean SSIM is each band's centre (bisection on the corruption's path)."""
     from clinadapt.shifts.corruptions import get_corruption
-    from clinadapt.shifts.corruptions.base import apply_level
-    from clinadapt.shifts.corruptions.calibration import SSIM_MEDIANS, reference_images, ssim
+    from clinadapt.shifts.corruptions.base import apply_level, apply_volume_level
+    from clinadapt.shifts.corruptions.calibration import (
+        SSIM_MEDIANS,
+        reference_images,
+        reference_volumes,
+        ssim,
+        ssim_volumes,
+    )
 
     c = get_corruption(name)
     path, top = PATHS[name]
-    images = reference_images(c.colour)
 
     def score(t: float) -> float:
         level = path(t)
+        if c.dims == 3:
+            vols = reference_volumes()
+            out = [apply_volume_level(v, c, level, 0, i, sp) for i, (v, sp) in enumerate(vols)]
+            return ssim_volumes([v for v, _ in vols], out)
+        images = reference_images(c.colour)
         return ssim(images, [apply_level(im, c, level, 0, i) for i, im in enumerate(images)])
 
     levels = []
@@ -62,6 +84,7 @@ def search(name: str) -> list[object]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--search", nargs="*", default=None, help="rule-calibrated corruptions")
+    p.add_argument("--dims", type=int, choices=(2, 3), default=None, help="only 2D or 3D ones")
     args = p.parse_args()
     os.environ.setdefault("CLINADAPT_QUIET", "1")
 
@@ -69,13 +92,22 @@ def main() -> None:
     from clinadapt.shifts.corruptions.calibration import SSIM_BANDS, ssim_by_severity
 
     if args.search is not None:
-        for name in args.search or sorted(PATHS):
-            print(f"{name:15s} {search(name)}")
+        names = args.search or sorted(PATHS)
+        if args.dims is not None:
+            from clinadapt.shifts.corruptions import get_corruption
+
+            names = [n for n in names if get_corruption(n).dims == args.dims]
+        for name in names:
+            print(
+                f"{name:18s} {[round(float(v), 4) if isinstance(v, float) else v for v in search(name)]}"
+            )
         return
     bands = "  ".join(f"{lo:.3f}-{hi:.3f}" for lo, hi in SSIM_BANDS.values())
     print(f"SSIM bands of the rule, severities 1-5: {bands}")
     for entry in CORRUPTIONS.entries():
         c = entry.obj
+        if args.dims is not None and c.dims != args.dims:
+            continue
         scores = ssim_by_severity(c.name)
         ruled = c.calibration == "ssim-band"
         ok = all(lo <= s <= hi for s, (lo, hi) in zip(scores, SSIM_BANDS.values(), strict=True))

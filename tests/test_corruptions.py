@@ -24,6 +24,9 @@ from clinadapt.shifts.corruptions.calibration import (
 from clinadapt.shifts.corruptions.calibration import ssim as calibration_ssim
 from clinadapt.shifts.corruptions.histology import hed_to_rgb, rgb_to_hed
 
+# the image artefacts (volume artefacts, tagged 3d, are tested in test_volume_corruptions.py)
+IMAGE_CORRUPTIONS = [n for n in sorted(CORRUPTIONS) if "3d" not in CORRUPTIONS.entry(n).tags]
+
 
 @pytest.fixture(scope="module")
 def images(small_shift):
@@ -53,7 +56,7 @@ MEDMNIST_C = {
 
 @pytest.fixture(scope="module")
 def severity_ssim():
-    return {name: ssim_by_severity(name) for name in sorted(CORRUPTIONS)}
+    return {name: ssim_by_severity(name) for name in IMAGE_CORRUPTIONS}
 
 
 def test_levels_are_medmnist_c_or_in_the_ssim_bands(severity_ssim):
@@ -95,7 +98,7 @@ def test_ssim_matches_a_hand_computation(images):
     assert got == pytest.approx(ref.mean(), abs=2e-3)
 
 
-@pytest.mark.parametrize("name", sorted(CORRUPTIONS))
+@pytest.mark.parametrize("name", IMAGE_CORRUPTIONS)
 def test_corruption_is_deterministic_and_keeps_shape(name, images):
     img = images["grey"]
     a = corrupt(img, name, 3, seed=1, position=7)

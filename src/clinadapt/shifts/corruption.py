@@ -38,7 +38,7 @@ def corruption_shift(
     1..5; ``source`` restricts training and testing to some domains (default: all of them).
     """
     names = [corruptions] if isinstance(corruptions, str) else corruptions
-    names = list(names) if names else corruptions_for(ds.modality)
+    names = list(names) if names else corruptions_for(ds.modality, ds.spatial_dims)
     for n in names:
         get_corruption(n)
     sevs = [severities] if isinstance(severities, int) else list(severities or SEVERITIES)

@@ -1,4 +1,9 @@
-"""The corruption registry and how a corruption is applied to one uint8 image."""
+"""The corruption registry and how a corruption is applied to one uint8 image or one volume.
+
+Image corruptions take a float (H,W[,3]) image in [0, 1]; volume corruptions (tagged ``3d``)
+take a float (X,Y,Z) volume in [0, 1] and its voxel spacing in mm, ``fn(volume, level, rng,
+spacing)``. A corruption applies only to data of its own dimensionality.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +15,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from clinadapt.data.base import ClinicalDataset, ImageSource
+from clinadapt.data.volume import VolumeSource
 from clinadapt.errors import ConfigError, DataError, RegistryError
 from clinadapt.shifts.corruptions.registry import CORRUPTIONS
 
-# fn(image in [0, 1] as float64 (H,W) or (H,W,3), level of the severity, rng) -> image
-CorruptionFn = Callable[[np.ndarray, object, np.random.Generator], np.ndarray]
+# fn(image in [0, 1] as float64 (H,W) or (H,W,3), level of the severity, rng) -> image; volume
+# corruptions take the voxel spacing (mm) too: fn(volume, level, rng, spacing) -> volume
+CorruptionFn = Callable[..., np.ndarray]
+#: The tag that marks a corruption of volumes.
+VOLUME_TAG = "3d"
 SEVERITIES = (1, 2, 3, 4, 5)
 # Modality names that mean the same thing across readers (MedMNIST says "pathology").
 MODALITY_ALIASES = {"pathology": "histology", "histopathology": "histology", "derm": "dermoscopy"}
@@ -32,6 +41,11 @@ class Corruption:
     help: str = ""
     # where the levels come from: a MedMNIST-C parameter table, or "ssim-band" (calibration.py)
     calibration: str = "ssim-band"
+
+    @property
+    def dims(self) -> int:
+        """3 for a volume corruption (tagged ``3d``), 2 for an image corruption."""
+        return 3 if VOLUME_TAG in self.modalities else 2
 
     def level(self, severity: int) -> object:
         """The parameter of ``severity`` (1..5)."""
@@ -92,14 +106,22 @@ def canonical_modality(modality: str) -> str:
     return MODALITY_ALIASES.get(m, m)
 
 
-def corruptions_for(modality: str) -> list[str]:
-    """Names of the corruptions that fit ``modality`` (e.g. ``xray``, ``ct``, ``mri``)."""
+def corruptions_for(modality: str, dims: int = 2) -> list[str]:
+    """Names of the corruptions that fit ``modality`` (e.g. ``xray``, ``ct``, ``mri``) for
+    images (``dims`` 2) or volumes (``dims`` 3)."""
     m = canonical_modality(modality)
-    names = [e.name for e in CORRUPTIONS.entries() if m in e.tags]
+    volume = dims == 3
+    names = [
+        e.name for e in CORRUPTIONS.entries() if m in e.tags and (VOLUME_TAG in e.tags) == volume
+    ]
     if not names:
-        known = sorted({x for e in CORRUPTIONS.entries() for x in e.tags})
+        known = sorted(
+            {x for e in CORRUPTIONS.entries() if (VOLUME_TAG in e.tags) == volume for x in e.tags}
+            - {VOLUME_TAG}
+        )
+        kind = "volume" if volume else "image"
         raise ConfigError(
-            f"no corruptions are registered for modality {modality!r} (known modalities: "
+            f"no {kind} corruptions are registered for modality {modality!r} (known modalities: "
             f"{', '.join(known)}); name them with shift_options.corruptions"
         )
     return names
@@ -131,6 +153,8 @@ def apply_level(
 ) -> np.ndarray:
     """Apply corruption ``c`` with parameter ``level`` (any value, e.g. while calibrating)."""
     name = c.name
+    if c.dims == 3:
+        raise DataError(f"corruption {name!r} is for volumes; this is a 2D image")
     img = np.asarray(image)
     if img.dtype != np.uint8:
         raise DataError(f"corruption {name!r} expects uint8 pixels, got {img.dtype}")
@@ -144,6 +168,37 @@ def apply_level(
     if c.colour and grey:
         y = _to_grey(y)
     return (np.clip(y, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def corrupt_volume(
+    volume: np.ndarray,
+    name: str,
+    severity: int,
+    seed: int = 0,
+    position: int = 0,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+) -> np.ndarray:
+    """Apply volume corruption ``name`` at ``severity`` to a float (X,Y,Z) volume in [0, 1]."""
+    c = get_corruption(name)
+    return apply_volume_level(volume, c, c.level(severity), seed, position, spacing)
+
+
+def apply_volume_level(
+    volume: np.ndarray,
+    c: Corruption,
+    level: object,
+    seed: int = 0,
+    position: int = 0,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+) -> np.ndarray:
+    """Apply volume corruption ``c`` with parameter ``level``; float32 (X,Y,Z) in [0, 1] out."""
+    if c.dims != 3:
+        raise DataError(f"corruption {c.name!r} is for 2D images, not volumes")
+    v = np.asarray(volume, dtype=np.float64)
+    if v.ndim != 3:
+        raise DataError(f"corruption {c.name!r} expects an (X,Y,Z) volume, got {v.shape}")
+    out = c.fn(v, level, image_rng(seed, c.name, position), tuple(float(s) for s in spacing))
+    return np.clip(np.asarray(out, dtype=np.float64), 0.0, 1.0).astype(np.float32)
 
 
 class CorruptedSource(ImageSource):
@@ -171,12 +226,58 @@ class CorruptedSource(ImageSource):
         return hashlib.sha256(text.encode()).hexdigest()
 
 
-def corrupted(ds: ClinicalDataset, name: str, severity: int, seed: int = 0) -> ClinicalDataset:
-    """A view of ``ds`` whose images carry corruption ``name`` at ``severity``.
+class VolumeCorruptedSource(VolumeSource):
+    """Another source's volumes with a volume corruption applied on load (seeded per position);
+    ``spacing`` maps source positions to their voxel size."""
 
-    Every registered corruption is photometric (intensity, noise, blur, k-space ghosts, overlays):
-    none moves anatomy, so a segmentation set keeps its reference masks unchanged and aligned.
+    def __init__(
+        self,
+        base: ImageSource,
+        name: str,
+        severity: int,
+        seed: int = 0,
+        spacing: dict[int, tuple[float, ...]] | None = None,
+    ) -> None:
+        get_corruption(name).level(severity)  # fail now, not at the first load
+        self.base, self.name, self.severity, self.seed = base, name, int(severity), int(seed)
+        self.spacing = dict(spacing or {})
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def load(self, i: int) -> np.ndarray:
+        spacing = self.spacing.get(i, (1.0, 1.0, 1.0))
+        return corrupt_volume(self.base.load(i), self.name, self.severity, self.seed, i, spacing)
+
+    def describe(self, i: int) -> str:
+        return f"{self.base.describe(i)} with {self.name} at severity {self.severity}"
+
+    def fingerprint(self) -> str:
+        text = f"{self.base.fingerprint()}|{self.name}|{self.severity}|{self.seed}"
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+def corrupted(ds: ClinicalDataset, name: str, severity: int, seed: int = 0) -> ClinicalDataset:
+    """A view of ``ds`` whose images (or volumes) carry corruption ``name`` at ``severity``.
+
+    Every registered corruption keeps the anatomy in place (intensity, noise, blur, k-space
+    artefacts, overlays; motion ghosts and thick slices blur it but do not move it), so a
+    segmentation set keeps its reference masks unchanged and aligned.
     """
-    return ds.replace(
-        name=f"{ds.name}@{name}-{severity}", source=CorruptedSource(ds.source, name, severity, seed)
-    )
+    c = get_corruption(name)
+    if c.dims != ds.spatial_dims:
+        kind = "volumes" if ds.spatial_dims == 3 else "2D images"
+        try:
+            fits = f"; for its modality: {', '.join(corruptions_for(ds.modality, ds.spatial_dims))}"
+        except ConfigError:
+            fits = ""
+        raise ConfigError(
+            f"corruption {name!r} is for {'volumes' if c.dims == 3 else '2D images'}, but "
+            f"{ds.name!r} holds {kind}{fits}"
+        )
+    if ds.spatial_dims == 3:
+        spacing = {int(i): tuple(s) for i, s in zip(ds.index, ds.spacing, strict=True)}
+        source: ImageSource = VolumeCorruptedSource(ds.source, name, severity, seed, spacing)
+    else:
+        source = CorruptedSource(ds.source, name, severity, seed)
+    return ds.replace(name=f"{ds.name}@{name}-{severity}", source=source)
