@@ -266,16 +266,17 @@ def test_every_method_runs_end_to_end(tmp_path_factory, model_name, method):
         out_dir=str(out),
         source=source,
         evaluation={"n_boot": 0},
-        # several batches per test set: a method predicts each batch before its update, so on
-        # a LayerNorm model a one-batch stream would show no adaptation at all
-        batch_size=8,
+        # several batches per test set (14-19 images each): a method predicts each batch before
+        # its update, so on a LayerNorm model a one-batch stream shows no adaptation at all.
+        # The stream's batch is stream_batch_size (batch_size is the source's training batch).
+        stream_batch_size=8,
     )
     options = {"memo": {"augmentations": 4}}.get(method, {})
-    if (model_name, method) == ("tiny-vit", "sar"):
-        # after one source epoch the tiny ViT is too unsure for SAR's published margin
-        # (entropy < 0.4 ln K) to admit a sample, so SAR rightly does not move; admit the rest
-        options = {"e_margin": 1.0}
     rec = run_experiment(RunConfig(method=method, method_options=options, **common))
+    batches = {name: s["batches"] for name, s in rec["tta"]["per_set"].items()}
+    sizes = rec["tta"]["stream_sizes"]
+    assert all(batches[n] == -(-sizes[n] // 8) for n in sizes), (batches, sizes)
+    assert max(batches.values()) >= 2, batches  # the premise: some set has a later batch
     base = run_experiment(RunConfig(method="source", **common))
     assert base["source"]["training"].get("reused")  # the very source model the method adapted
     adapted = np.load(out / "predictions" / f"{rec['run_id']}.npz")
