@@ -10,6 +10,7 @@ from clinadapt.evaluation.bootstrap import (
     bootstrap_ci,
     draw_counts,
     iter_resample_weights,
+    paired_bootstrap_ci,
     percentile_ci,
     resample_weights,
 )
@@ -198,3 +199,27 @@ def test_every_headline_metric_has_a_ci(task):
     if task == "binary":  # at the operating point, not re-chosen per resample
         ref = _loop_ci(y, p, task, 40, 0.05, 0, meta["patient_id"], threshold=0.5)
         assert out["ci"]["sensitivity"]["low"] == pytest.approx(ref["sensitivity"][0])
+
+
+def test_paired_bootstrap_resamples_both_models_together():
+    y, p = _data("multiclass", n=61, seed=2)
+    _, q = _data("multiclass", n=61, seed=3)  # another model's predictions of the same images
+    groups = np.array([f"p{i // 2:02d}" for i in range(61)])
+    names = ["balanced_accuracy", "auroc", "ece"]
+    got = paired_bootstrap_ci(y, p, q, names, 120, 0.1, 5, groups)
+    rng = np.random.default_rng(5)  # the loop: one resample of patients, both models on it
+    members = [np.flatnonzero(groups == g) for g in sorted(set(groups.tolist()))]
+    diffs: dict[str, list[float]] = {m: [] for m in names}
+    for _ in range(120):
+        idx = np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))])
+        a, b = compute_metrics(y[idx], p[idx]), compute_metrics(y[idx], q[idx])
+        for m in names:
+            diffs[m].append(a[m] - b[m])
+    for m in names:
+        lo, hi = np.percentile(diffs[m], [5, 95])
+        assert got[m]["low"] == pytest.approx(lo, rel=1e-9, abs=1e-12), m
+        assert got[m]["high"] == pytest.approx(hi, rel=1e-9, abs=1e-12), m
+    same = paired_bootstrap_ci(y, p, p, names, 20, 0.1, 5)
+    assert all(v["low"] == v["high"] == 0 for v in same.values())
+    with pytest.raises(ConfigError, match="differ in shape"):
+        paired_bootstrap_ci(y, p, q[:, :2], names, 20)

@@ -136,3 +136,38 @@ def bootstrap_ci(
         for k, v in reps.items():
             parts.setdefault(k, []).append(v)
     return percentile_ci({k: np.concatenate(v) for k, v in parts.items()}, alpha)
+
+
+def paired_bootstrap_ci(
+    labels: np.ndarray,
+    probs: np.ndarray,
+    baseline: np.ndarray,
+    names: Sequence[str],
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+    groups: np.ndarray | None = None,
+    *,
+    task: str = "multiclass",
+    threshold: float | None = None,
+) -> dict[str, dict[str, float]]:
+    """Percentile CIs of ``metric(probs) - metric(baseline)`` for two models' predictions of the
+    same images, both evaluated on each resample (images, or patients when ``groups``)."""
+    if n_boot < 2:
+        raise ConfigError(f"bootstrap: n_boot must be >= 2, got {n_boot}")
+    labels = np.asarray(labels)
+    if np.shape(probs) != np.shape(baseline):
+        raise ConfigError(
+            f"bootstrap: paired predictions differ in shape, {np.shape(probs)} vs "
+            f"{np.shape(baseline)}"
+        )
+    if groups is not None and len(groups) != len(labels):
+        raise ConfigError(f"bootstrap: {len(groups)} group ids for {len(labels)} predictions")
+    rng = np.random.default_rng(seed)
+    parts: dict[str, list[np.ndarray]] = {m: [] for m in names}
+    for w in iter_resample_weights(len(labels), n_boot, rng, groups):
+        a = replicate_metrics(labels, probs, w, names, task, threshold=threshold)
+        b = replicate_metrics(labels, baseline, w, names, task, threshold=threshold)
+        for m in names:
+            parts[m].append(a[m] - b[m])
+    return percentile_ci({m: np.concatenate(v) for m, v in parts.items()}, alpha)

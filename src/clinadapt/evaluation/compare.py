@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from clinadapt.evaluation.bootstrap import bootstrap_ci
-from clinadapt.evaluation.evaluate import evaluate, headline
+from clinadapt.evaluation.bootstrap import paired_bootstrap_ci
+from clinadapt.evaluation.evaluate import evaluate
 
 log = logging.getLogger("clinadapt.evaluation")
 
@@ -44,15 +44,9 @@ def change_vs_source(
         out[m] = {"source": float(s), "adapted": float(a), "change": float(a) - float(s)}
     flagged = [m for m in FLAGGED if m in out]
     if n_boot and flagged:
-        k = adapted.shape[1]
-
-        def difference(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
-            a = headline(y, p[:, :k], task, flagged)
-            s = headline(y, p[:, k:], task, flagged)
-            return {m: a[m] - s[m] for m in flagged}
-
-        both = np.concatenate([adapted, source], axis=1)
-        ci = bootstrap_ci(labels, both, difference, n_boot, alpha, seed, groups)
+        ci = paired_bootstrap_ci(
+            labels, adapted, source, flagged, n_boot, alpha, seed, groups, task=task
+        )
         for m in flagged:
             out[m]["low"], out[m]["high"] = ci[m]["low"], ci[m]["high"]
     return out
