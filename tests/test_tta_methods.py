@@ -175,6 +175,28 @@ def test_single_sample_bn_blends_source_statistics():
 
 
 # --- eata -------------------------------------------------------------------------------------
+def test_blended_bn_statistics_under_bf16_autocast():
+    from clinadapt.methods.tta.bn import BatchStatsNorm
+
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(3).eval()
+    bn.running_mean.copy_(torch.tensor([0.5, -1.0, 2.0]))
+    bn.running_var.copy_(torch.tensor([1.5, 0.5, 3.0]))
+    norm = BatchStatsNorm(bn, prior=0.25)
+    x = torch.randn(4, 3, 5, 5) * 2 + 1
+    ref = norm(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a bf16 input, as after an autocast conv
+        mean, var = norm.blend(x.bfloat16(), 0.25)
+        y = norm(x.bfloat16())
+    assert mean.dtype == var.dtype == torch.float32
+    xb = x.bfloat16().float()  # the same statistics, by hand, from the bf16 values
+    m = xb.mean((0, 2, 3))
+    v = xb.var((0, 2, 3), unbiased=True)
+    assert torch.allclose(mean, 0.75 * m + 0.25 * bn.running_mean, atol=1e-5)
+    assert torch.allclose(var, 0.75 * v + 0.25 * bn.running_var, atol=1e-4)
+    assert torch.allclose(y.float(), ref, atol=0.05)
+
+
 def test_eata_filters_by_hand():
     logits = torch.tensor(
         [[6.0, 0, 0, 0], [0, 0, 0, 0], [0, 5.0, 0, 0], [0.5, 0.4, 0.3, 0.2], [0, 0, 7.0, 1.0]]

@@ -98,6 +98,9 @@ class BatchStatsNorm(nn.Module):
     @torch.no_grad()
     def blend(self, x: torch.Tensor, prior: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, var): ``prior`` * source + (1 - prior) * batch, as constants."""
+        # statistics in the source statistics' dtype (fp32 under bf16/fp16 autocast): the
+        # kernel takes float parameters with a half-precision input, not half statistics
+        x = x.to(self.source_mean.dtype)
         dims = [0, *range(2, x.ndim)]
         count = x.numel() // x.shape[1]
         # one value per channel has no unbiased variance: use the biased one (0) then
@@ -108,8 +111,8 @@ class BatchStatsNorm(nn.Module):
         centred = x - mean.view(1, -1, *[1] * (x.ndim - 2))
         var = torch.linalg.vector_norm(centred, 2, dims).square() / (count - correction)
         if prior > 0:
-            mean = torch.lerp(mean, self.source_mean.to(mean.dtype), prior)
-            var = torch.lerp(var, self.source_var.to(var.dtype), prior)
+            mean = torch.lerp(mean, self.source_mean, prior)
+            var = torch.lerp(var, self.source_var, prior)
         return mean, var
 
 
