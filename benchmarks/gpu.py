@@ -18,7 +18,7 @@ Steps, in order (the most wanted first; the budget drops the last ones):
   finetune     training images/s of ViT-B/16 and ResNet-50 (224 px, batch 128): a bare PyTorch
                loop in fp32, bf16, fp16 against clinadapt's finetune (fp32 with 0/4 loader
                workers, bf16)
-  tta          benchmarks/bench_tta.py (source, bn, tent vs the reference Tent, eata, sar, t3a)
+  tta          benchmarks/bench_tta.py (source, bn, tent vs the reference Tent, sar)
   paths        short runs through every method kind, target, pre-training and file loading
   precision    benchmarks/gpu_check_precision.py (fp32/bf16/fp16, tent from source.from, export)
   segmentation benchmarks/gpu_check_segmentation.py
@@ -293,7 +293,7 @@ def step_paths(rec: Rec, work: Path) -> None:
             **fit1,
         },
         "linear-probe": {"method": "linear-probe"},
-        "prototype 4-shot": {"method": "prototype", "method_options": {"shots": 4}, **shots},
+        "prototype 2-shot": {"method": "prototype", "method_options": {"shots": 2}, **shots},
         "knn": {"method": "knn"},
         "zeroshot tiny-clip": {"model": "tiny-clip", "method": "zeroshot"},
         "tip-adapter-f tiny-clip": {
@@ -455,7 +455,7 @@ def plan(device: str, steps: int) -> list[tuple[str, float, list[str] | None]]:
         ("finetune", 70, None),
         (
             "tta",
-            40,
+            50,
             [
                 *py,
                 str(BENCH / "bench_tta.py"),
@@ -463,7 +463,8 @@ def plan(device: str, steps: int) -> list[tuple[str, float, list[str] | None]]:
                 f"--images={1024 if cuda else 64}",
                 "--batch-size=64",
                 "--repeats=2",
-                "--methods=source,bn,tent-ref,tent,eata,sar,t3a",
+                "--rounds=1",
+                "--methods=source,bn,tent-ref,tent,sar",
             ],
         ),
         ("paths", 80, None),
