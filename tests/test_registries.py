@@ -111,7 +111,7 @@ def test_model_specs_are_data(tmp_path):
     assert tiny.kwargs["embed_dim"] == 64 and tiny.seed == 1
     assert ModelSpec.from_dict(tiny.to_dict()) == tiny
     families = {e.tags[0] for e in MODELS.entries()}
-    assert families == {"timm", "open_clip", "hf"}
+    assert families == {"timm", "open_clip", "hf", "volume"}
     bad = tmp_path / "x_family.json"
     bad.write_text(json.dumps([{"name": "m", "arch": "a", "pretrained": None, "description": ""}]))
     assert read_specs(bad, "timm")[0].family == "timm"

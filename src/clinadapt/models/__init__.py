@@ -2,6 +2,8 @@
 
 Names a user types are registered in :data:`MODELS`; any library id also works as
 ``timm:<name>``, ``hf:<repo id or local dir>`` or ``open_clip:<arch>[@<tag | file | hf-hub:repo>]``.
+3D backbones (family ``volume``: ResEnc, STU-Net, Primus, SwinUNETR) take volumes; any 2D model
+runs on volumes slice by slice as ``slices:<name>``.
 ``tiny-*`` models are small randomly initialised configurations of each family (tests, demo).
 Specs are data: one JSON file per family beside its loader (``timm_family.json``, ...).
 Libraries (and torch) are imported only when a model of their family is loaded.
@@ -36,7 +38,7 @@ if TYPE_CHECKING:
 __getattr__ = lazy_exports(__name__, {"FoundationModel": "clinadapt.models.base"})
 
 #: the library-id prefixes ``load_model`` understands besides registered names
-PREFIXES = ("timm:", "hf:", "open_clip:")
+PREFIXES = ("timm:", "hf:", "open_clip:", "slices:")
 
 
 def list_models() -> list[str]:
@@ -73,6 +75,8 @@ def _builder(family: str) -> Callable[..., FoundationModel]:
         from clinadapt.models.timm_family import build
     elif family == "open_clip":
         from clinadapt.models.open_clip_family import build
+    elif family == "volume":
+        from clinadapt.models.volume.build import build
     else:
         from clinadapt.models.hf_family import build
     return build
@@ -99,6 +103,12 @@ def load_model(
     from clinadapt.models._common import adjust_preprocess
     from clinadapt.models.options import IMAGE_SIZE, builder_options, check_image_size
 
+    if name.startswith("slices:"):  # a 2D model on volumes, slice by slice
+        from clinadapt.models.volume.slices import load_slicewise
+
+        return load_slicewise(
+            name, weights=weights, pretrained=pretrained, device=device, **options
+        )
     spec = get_spec(name)
     kwargs = builder_options(spec, options)
     if weights is not None and not pretrained:

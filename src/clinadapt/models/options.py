@@ -52,6 +52,8 @@ def builder_options(spec: ModelSpec, options: Mapping[str, Any]) -> dict[str, An
     dropped otherwise (a ResNet runs at any size; the preprocessing still resizes to it).
     """
     opts = dict(options)
+    if spec.family == "volume":
+        return _volume(spec, opts)
     size = check_image_size(opts.pop(IMAGE_SIZE)) if IMAGE_SIZE in opts else None
     if not opts and size is None:
         return {}
@@ -102,6 +104,23 @@ def _timm(spec: ModelSpec, opts: dict[str, Any], size: tuple[int, int] | None) -
         _refuse(spec, f"timm {cls}", unknown, set(accepted), hint)
     if size is not None and "img_size" in accepted:
         opts["img_size"] = size
+    return opts
+
+
+# --- volume (3D backbones) -------------------------------------------------------------------
+
+
+def _volume(spec: ModelSpec, opts: dict[str, Any]) -> dict[str, Any]:
+    from clinadapt.models.volume.build import option_names
+
+    accepted = option_names(spec)
+    unknown = sorted(set(opts) - accepted)
+    if unknown:
+        hint = " (a 3D backbone's input side is volume_size)" if IMAGE_SIZE in unknown else ""
+        raise ConfigError(
+            f"model {spec.name!r} (3D {spec.arch}) takes no option "
+            f"{', '.join(map(repr, unknown))}{hint}; it accepts {', '.join(sorted(accepted))}"
+        )
     return opts
 
 

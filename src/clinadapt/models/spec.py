@@ -9,8 +9,8 @@ from typing import Any, Literal
 
 from clinadapt.models.preprocessing import Preprocessing
 
-Family = Literal["timm", "open_clip", "hf"]
-FAMILIES: tuple[str, ...] = ("timm", "open_clip", "hf")
+Family = Literal["timm", "open_clip", "hf", "volume"]
+FAMILIES: tuple[str, ...] = ("timm", "open_clip", "hf", "volume")
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from torch import nn
 
 # Containers of repeated blocks, tried in order (timm ViT / open_clip timm towers, open_clip
-# ViT, transformers CLIP, DINOv2 / ViT / BERT-like, MAE / SAM, timm Swin, ConvNeXt-like; SAM 2's
-# Hiera trunk).
+# ViT, transformers CLIP, DINOv2 / ViT / BERT-like, MAE / SAM, timm Swin, ConvNeXt-like and the 3D
+# CNNs and Swin encoder (stages); SAM 2's Hiera trunk; Primus's EVA).
 BLOCK_PATHS = (
     "blocks",
     "trunk.blocks",
@@ -20,6 +20,7 @@ BLOCK_PATHS = (
     "layers",
     "stages",
     "backbone.blocks",
+    "eva.blocks",
 )
 RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
 

@@ -18,17 +18,19 @@ from clinadapt.errors import ConfigError, IncompatibleError
 from clinadapt.targets._arch import backbone, block_prefixes, model_name
 from clinadapt.targets.base import TARGETS, Target, TargetOptions
 
-# Per family, the default projections: fused qkv (timm ViT/Swin, SAM), open_clip's attention
-# module, and W_q, W_v for separate projections as in Hu et al. (2022, Sec. 7.1); a CNN gets
-# its block convolutions (peft's Conv2d LoRA).
+# Per family, the default projections: fused qkv (timm ViT/Swin, SAM, MONAI Swin), open_clip's
+# attention module, and W_q, W_v for separate projections as in Hu et al. (2022, Sec. 7.1; timm's
+# EVA blocks of Primus too); a CNN gets its block convolutions (peft's Conv2d/Conv3d LoRA: ResNet
+# and STU-Net name them conv1..3, nnU-Net's ResEnc wraps each as ``conv`` in its conv units).
 DEFAULT_MODULES: tuple[tuple[str, ...], ...] = (
     ("qkv",),
     ("attn",),
     ("q_proj", "v_proj"),
     ("query", "value"),
     ("conv1", "conv2", "conv3"),
+    ("conv",),
 )
-SUPPORTED = (nn.Linear, nn.Conv2d, nn.MultiheadAttention)
+SUPPORTED = (nn.Linear, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention)
 _ATTR = "_clinadapt_lora"
 
 
