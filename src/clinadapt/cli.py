@@ -578,7 +578,12 @@ def demo(
 
 @app.command()
 def pretrain(
-    method: Annotated[str, typer.Option(help="self-supervised method: simclr, dino or mae")],
+    method: Annotated[
+        str,
+        typer.Option(
+            help="self-supervised method: simclr, dino or mae (volumes: mae-3d, simclr-3d)"
+        ),
+    ],
     model: Annotated[str, typer.Option(help="model to pre-train, e.g. tiny-vit, mae-vit-b16")],
     data: Annotated[str, typer.Option(help="dataset name or path (its labels are not used)")],
     init_from: Annotated[

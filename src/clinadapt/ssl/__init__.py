@@ -1,4 +1,5 @@
-"""Self-supervised pre-training on unlabelled clinical images: SimCLR, DINO and MAE.
+"""Self-supervised pre-training on unlabelled clinical images: SimCLR, DINO and MAE; on
+volumes, 3D MAE (``mae-3d``) and 3D SimCLR (``simclr-3d``).
 
 ``pretrain(PretrainConfig(...))`` trains a backbone (from scratch or from published weights) on
 the unlabelled images of a dataset, writes weights that ``load_model(name, weights=...)`` reads,
@@ -8,7 +9,7 @@ and judges them by a linear probe and k-NN on the labelled splits.
 from __future__ import annotations
 
 # Imported for their registrations.
-from clinadapt.ssl import dino, mae, simclr  # noqa: F401
+from clinadapt.ssl import dino, mae, simclr, volume  # noqa: F401
 from clinadapt.ssl.augment import Augmenter, AugmentPolicy, policy_for_modality
 from clinadapt.ssl.base import SSL_METHODS, SSLMethod
 from clinadapt.ssl.checkpoint import read_metadata, save_backbone, weights_path

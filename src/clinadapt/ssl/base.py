@@ -37,6 +37,8 @@ class SSLMethod(nn.Module, abc.ABC):
     weight_decay: ClassVar[float] = 0.05
     betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
     clip_grad: ClassVar[float | None] = None
+    #: 2 for methods on images, 3 for methods on volumes
+    spatial_dims: ClassVar[int] = 2
 
     def __init__(self, backbone: FoundationModel, options: Options, augment: Augmenter) -> None:
         super().__init__()

@@ -24,7 +24,10 @@ class PretrainConfig(BaseModel):
     data_options: dict[str, Any] = Field(
         default_factory=dict, description="keyword arguments of the dataset loader"
     )
-    method: str = Field("simclr", description="self-supervised method: simclr, dino or mae")
+    method: str = Field(
+        "simclr",
+        description="self-supervised method: simclr, dino or mae (volumes: mae-3d, simclr-3d)",
+    )
     method_options: dict[str, Any] = Field(
         default_factory=dict, description="the method's options (see each method's Options)"
     )

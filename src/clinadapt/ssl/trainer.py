@@ -23,6 +23,7 @@ from clinadapt.data.base import ClinicalDataset
 from clinadapt.errors import ConfigError, DataError
 from clinadapt.models import load_model
 from clinadapt.models.base import Preprocessing
+from clinadapt.models.volume.base import check_spatial_dims
 from clinadapt.preflight import check_data_options, check_out_dir
 from clinadapt.progress import bar, status
 from clinadapt.ssl import checkpoint as ckpt
@@ -94,13 +95,17 @@ def batch_positions(n: int, batch_size: int, step: int, seed: int) -> np.ndarray
     return order[i * batch_size : (i + 1) * batch_size]
 
 
-def load_images(pool: ClinicalDataset, positions: np.ndarray, pp: Preprocessing) -> torch.Tensor:
-    """A float [0,1] batch with the model's channels.
+def load_images(pool: ClinicalDataset, positions: np.ndarray, pp: Any) -> torch.Tensor:
+    """A float [0,1] batch with the model's channels (volumes: (N,1,X,Y,Z) at the model's grid).
 
     Images keep their shared native size (crops then come from full resolution) up to twice the
     model's input side; larger or mixed sizes are resized.
     """
     imgs = [pool.image(int(i)) for i in positions]
+    if pool.spatial_dims == 3:  # volumes: at the 3D backbone's grid, [0, 1]
+        from clinadapt.ssl.volume import load_volumes
+
+        return load_volumes(imgs, tuple(pp.volume_size))
     shapes = {im.shape[:2] for im in imgs}
     size: tuple[int, int] = tuple(pp.image_size)
     if len(shapes) == 1:
@@ -146,6 +151,15 @@ def build(cfg: PretrainConfig) -> tuple[SSLMethod, ClinicalDataset, ClinicalData
     options = method_cls.parse_options(cfg.method_options)
     weights = _resolve_init(cfg)
     ds = load_dataset(cfg.data, **cfg.data_options)
+    if method_cls.spatial_dims != ds.spatial_dims:
+        fits = [
+            n for n in SSL_METHODS.names() if SSL_METHODS.get(n).spatial_dims == ds.spatial_dims
+        ]
+        raise ConfigError(
+            f"pre-training method {cfg.method!r} is for "
+            f"{'volumes' if method_cls.spatial_dims == 3 else '2D images'}, but {ds.name!r} holds "
+            f"{'volumes' if ds.spatial_dims == 3 else '2D images'}; use {' or '.join(fits)}"
+        )
     pool = unlabelled_pool(ds, cfg)
     torch.manual_seed(cfg.seed)
     backbone = load_model(
@@ -156,8 +170,11 @@ def build(cfg: PretrainConfig) -> tuple[SSLMethod, ClinicalDataset, ClinicalData
     ).to(cfg.device)
     if backbone.text_encoder is not None:
         backbone.text_encoder.requires_grad_(False)  # only the image tower is pre-trained
+    check_spatial_dims(backbone, ds.spatial_dims, ds.name)
     pp = backbone.preprocess
-    augment = Augmenter(policy_for_modality(ds.modality), pp.mean, pp.std)
+    # a volume backbone normalises by its own rule (the 3D methods call it); no mean/std here
+    mean, std = getattr(pp, "mean", (0.0,)), getattr(pp, "std", (1.0,))
+    augment = Augmenter(policy_for_modality(ds.modality), mean, std)
     method = method_cls(backbone, options, augment).to(cfg.device)
     return method, ds, pool
 

@@ -147,10 +147,13 @@ def load_weights(model: VolumeModel, path: str | os.PathLike[str]) -> MappedChec
     """Load a checkpoint into ``model``: every encoder tensor must be there; the decoder's are
     kept for :meth:`VolumeModel.make_decoder`."""
     state = read_checkpoint(path)
-    mapped = model.arch.map_checkpoint(state)
+    own = model.image_encoder.state_dict()
+    if set(state) == set(own):  # this package's own layout: the encoder as pretrain writes it
+        mapped = MappedCheckpoint(dict(state))
+    else:
+        mapped = model.arch.map_checkpoint(state)
     if not mapped.encoder:
         mapped = model.arch.map_checkpoint(strip_prefix(state, _WRAPPERS))
-    own = model.image_encoder.state_dict()
     missing = sorted(set(own) - set(mapped.encoder))
     unknown = sorted(set(mapped.encoder) - set(own))
     if missing or unknown:
