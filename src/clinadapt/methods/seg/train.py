@@ -47,9 +47,12 @@ def dice_bce(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """MedSAM's loss on (P,H,W) probabilities: MONAI Dice (squared) + binary cross-entropy."""
     from monai.losses import DiceLoss
 
-    probs, t = probs.float(), targets.float()  # BCE is not autocast-safe: compute it in fp32
+    probs, t = probs.float(), targets.float()
     dice = DiceLoss(sigmoid=False, squared_pred=True, reduction="mean")(probs[:, None], t[:, None])
-    bce = torch.nn.functional.binary_cross_entropy(probs.clamp(1e-6, 1 - 1e-6), t)
+    # CUDA autocast refuses binary_cross_entropy on probabilities whatever their dtype (CPU
+    # autocast lets it through): leave autocast for the loss, computed in fp32
+    with torch.autocast(device_type=probs.device.type, enabled=False):
+        bce = torch.nn.functional.binary_cross_entropy(probs.clamp(1e-6, 1 - 1e-6), t)
     return dice + bce
 
 
