@@ -122,3 +122,29 @@ def test_resuming_a_pretraining_with_another_lr_is_refused(tmp_path):
         pretrain(make_config(**common, lr=1e-2))
     again = pretrain(make_config(**common, lr=1e-3))  # the same settings: finished, nothing new
     assert again["steps"] == 2 and again["optimizer"]["lr"] == pytest.approx(1e-3)
+
+
+def test_segmenter_checkpoint_that_is_a_malicious_pickle_is_one_line(tmp_path, capsys, monkeypatch):
+    """`segment --weights` and segmentation runs read SAM/MedSAM .pth files: a pickle that
+    would run code is refused in one line naming the file (not torch's multi-line text)."""
+    from PIL import Image
+
+    marker = tmp_path / "ran.txt"
+    evil = _evil(tmp_path / "medsam.pth", marker)
+    image = tmp_path / "x.png"
+    Image.new("L", (16, 16), 90).save(image)
+    args = ["segment", "--image", str(image), "--model", "tiny-sam", "--box", "1,1,8,8"]
+    args += ["--weights", str(evil), "--out", str(tmp_path / "masks"), "--quiet"]
+    code, err = _cli(args, capsys, monkeypatch)
+    assert not marker.exists(), "unpickling the checkpoint ran code"
+    assert code == 2 and str(evil) in err and "refused" in err
+    assert len(err.strip().splitlines()) == 1, err
+    # a transformers folder (config.json + pytorch_model.bin) goes through from_pretrained
+    folder = tmp_path / "sam"
+    _evil(folder / "pytorch_model.bin", marker)
+    (folder / "config.json").write_text('{"model_type": "sam"}')
+    args[args.index(str(evil))] = str(folder)
+    code, err = _cli(args, capsys, monkeypatch)
+    assert not marker.exists()
+    assert code == 2 and str(folder) in err and "refused" in err
+    assert len(err.strip().splitlines()) == 1, err

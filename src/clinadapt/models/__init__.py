@@ -128,7 +128,7 @@ def load_model(
     except Exception as e:  # a file that is not (these) weights: one line naming it
         if weights is None:
             raise
-        raise IncompatibleError(load_failure(weights, name, e)) from e
+        raise IncompatibleError(load_failure(weights, f"weights of {name!r}", e)) from e
     if IMAGE_SIZE in options:  # also for architectures without an input size of their own
         model.preprocess = adjust_preprocess(
             model.preprocess, image_size=check_image_size(options[IMAGE_SIZE])

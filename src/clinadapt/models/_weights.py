@@ -13,9 +13,11 @@ import os
 import socket
 import threading
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 from clinadapt.env import env_flag
@@ -333,20 +335,36 @@ def resolve_weights(
     raise WeightsUnavailableError(unavailable_message(request, looked, reason))
 
 
-def load_failure(path: str | os.PathLike[str], model: str, error: BaseException) -> str:
-    """One line for weights that exist but could not be loaded: say which file and why."""
-    text = str(error).strip()
-    if "weights_only" in text or type(error).__name__ == "UnpicklingError":
+def blocked_pickle(error: BaseException) -> bool:
+    """Whether ``torch.load(weights_only=True)`` refused a file for holding more than tensors."""
+    return "weights_only" in str(error) or type(error).__name__ == "UnpicklingError"
+
+
+def torch_load_tensors(path: str | os.PathLike[str]) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU: tensors and plain values only, so a
+    crafted pickle is refused before any of it runs; torch's note on the pickle protocol of a
+    file it then refuses is not shown."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        return torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+
+
+def load_failure(path: str | os.PathLike[str], what: str, error: BaseException) -> str:
+    """One line for a file that exists but could not be loaded as ``what`` (e.g. "weights of
+    'resnet50'"): say which file and why."""
+    if blocked_pickle(error):
         return (
-            f"{path}: refused to load it as weights of {model!r}: it is a pickle holding more "
+            f"{path}: refused to load it as {what}: it is a pickle holding more "
             "than tensors, which torch.load(weights_only=True) blocks because unpickling it could "
             "run code. Load only files you trust; save weights as safetensors (or a plain state "
             "dict of tensors)"
         )
-    flat = " ".join(text.split())  # one line, however the library formats its message
+    flat = " ".join(str(error).split())  # one line, however the library formats its message
     if len(flat) > 300:
         flat = flat[:300] + "..."
-    return f"{path}: cannot load it as weights of {model!r}: {type(error).__name__}: {flat}"
+    return f"{path}: cannot load it as {what}: {type(error).__name__}: {flat}"
 
 
 def unavailable_message(request: WeightsRequest, looked: list[str], reason: str) -> str:

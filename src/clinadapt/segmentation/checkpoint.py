@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from clinadapt.errors import IncompatibleError, WeightsUnavailableError
+from clinadapt.models._weights import load_failure, torch_load_tensors
 
 # segment-anything name -> transformers name, applied in order (regular expressions).
 _RULES: tuple[tuple[str, str], ...] = (
@@ -117,11 +118,9 @@ def read_state(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
 
             state = load_file(str(p))
         else:
-            state = torch.load(str(p), map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle refusals and corrupt files alike
-        raise IncompatibleError(
-            f"{p}: cannot read it as a tensors-only checkpoint ({type(e).__name__}: {e})"
-        ) from e
+            state = torch_load_tensors(p)
+    except Exception as e:  # pickle refusals and corrupt files alike: one line naming the file
+        raise IncompatibleError(load_failure(p, "a tensors-only checkpoint", e)) from e
     for wrapper in ("model", "state_dict"):
         if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
             state = state[wrapper]

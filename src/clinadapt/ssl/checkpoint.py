@@ -9,7 +9,6 @@ models as a ``backbone/`` folder with ``config.json`` and ``model.safetensors`` 
 from __future__ import annotations
 
 import io
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from clinadapt.errors import ConfigError
+from clinadapt.models._weights import blocked_pickle, torch_load_tensors
 from clinadapt.models.base import FoundationModel
 from clinadapt.store import atomic_write_bytes, write_record
 
@@ -110,14 +110,12 @@ def load_state(path: str | Path) -> dict[str, Any]:
     (a pickle of anything but tensors and plain values is refused before it is unpickled).
     """
     try:
-        with warnings.catch_warnings():  # torch notes the pickle protocol of files it refuses
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        state = torch_load_tensors(path)
     except Exception as e:  # a truncated, foreign or malicious file: say which and what to do
         why = (
             "it holds more than tensors and plain values (a pickle that could run code; "
             "refused unread)"
-            if "weights_only" in str(e) or type(e).__name__ == "UnpicklingError"
+            if blocked_pickle(e)
             else f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
         )
         raise ConfigError(
