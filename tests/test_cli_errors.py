@@ -74,6 +74,25 @@ def test_yaml_alias_bomb_fails_at_once(tmp_path):
         assert "expands to more than" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize(
+    ("text", "expect"),
+    [
+        (b"method: [unclosed\n", "at line 2, column 1"),  # PyYAML's own text spans 8 lines
+        (b"method: tent\n  bad: indent\n", "at line 2, column 6"),
+        (b"\xff\xfe\x00binary", "cannot read it as a YAML text file"),
+        (b"method: seg-zeroshot\nmodel: tiny-sam\nprompt: {kind: sideways}\n", "prompt: "),
+    ],
+)
+def test_a_broken_config_file_is_one_line_naming_it(tmp_path, capsys, monkeypatch, text, expect):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_bytes(text)
+    code, _, err = _fail(["run", str(cfg), "--out", str(tmp_path)], capsys, monkeypatch)
+    assert code == 2 and str(cfg) in err and expect in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    code, _, err = _fail(["run", str(tmp_path), "--out", str(tmp_path)], capsys, monkeypatch)
+    assert code == 2 and "is not a file" in err
+
+
 def test_brief_and_clip_bound_what_a_message_shows():
     x = ["x"] * 9
     for _ in range(8):

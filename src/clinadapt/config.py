@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from clinadapt.compute import DeviceField, PrecisionField
 from clinadapt.errors import ConfigError
@@ -215,10 +215,7 @@ def parse_prompt(fields: dict[str, Any]) -> dict[str, Any]:
     """A segmentation prompt protocol, checked by PromptSpec, as the dict of all its fields."""
     from clinadapt.segmentation.prompts import PromptSpec
 
-    try:
-        return PromptSpec(**fields).model_dump()
-    except ValidationError as e:
-        raise ConfigError(f"invalid prompt {fields}:\n{e}") from e
+    return parse_model(PromptSpec, fields, "prompt").model_dump()
 
 
 def read_yaml_mapping(path: str | Path, kind: str, expected: str) -> dict[str, Any]:
@@ -226,14 +223,29 @@ def read_yaml_mapping(path: str | Path, kind: str, expected: str) -> dict[str, A
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"{kind} file {str(p)!r} does not exist")
+    if not p.is_file():
+        raise ConfigError(f"{kind} file {str(p)!r} is not a file")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from e
+        raise ConfigError(f"{p}: not valid YAML: {yaml_problem(e)}") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: cannot read it as a YAML text file ({type(e).__name__})") from e
     check_expansion(data, str(p))
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: the top level must be a mapping {expected}")
     return data
+
+
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's complaint in one line: what is wrong and where (line, column), without the
+    quoted source lines and carets it prints over several lines."""
+    if isinstance(error, yaml.MarkedYAMLError):
+        mark = error.problem_mark or error.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        context = f" {error.context}" if error.context else ""
+        return f"{error.problem or 'syntax error'}{where}{context}".strip()
+    return " ".join(str(error).split())
 
 
 def load_config(
