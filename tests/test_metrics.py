@@ -290,6 +290,14 @@ def test_headline_sensitivity_is_at_the_validation_operating_point():
     # without validation data or a given threshold the operating point is 0.5, and says so
     plain = evaluate(y, p, "binary", n_boot=0)
     assert plain["operating_point"]["chosen_on"] == "default"
+    assert "note" not in plain["operating_point"]
+    # validation data without a positive example cannot set it: 0.5, and the record says why
+    # (it used to fail here, after the whole training)
+    for val in ((np.zeros(20, int), vp[:20]), (np.zeros(0, int), vp[:0])):
+        none = evaluate(y, p, "binary", n_boot=0, val=val)["operating_point"]
+        assert none["chosen_on"] == "default" and none["threshold"] == 0.5
+        assert "no positive example" in none["note"]
+        assert none == {**plain["operating_point"], "note": none["note"]}
     assert plain["metrics"]["sensitivity"] == plain["metrics"]["sensitivity_at_0.5"]
     four = np.eye(4)[rng.integers(0, 4, 50)] * 0.6 + 0.1
     assert not {"sensitivity", "sensitivity_at_0.5"} & set(

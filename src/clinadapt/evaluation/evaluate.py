@@ -105,16 +105,25 @@ def binary_operating_point(
     """Sensitivity, specificity, PPV and NPV at the operating point (None unless binary).
 
     The threshold is ``threshold`` when given, else the one that reaches
-    ``target_sensitivity`` on ``val`` = (labels, probs), else 0.5; ``chosen_on`` says which.
+    ``target_sensitivity`` on ``val`` = (labels, probs), else 0.5; ``chosen_on`` says which,
+    and ``note`` why validation data that were given could not set it (no positive example:
+    no sensitivity to reach, so the run goes on at 0.5 instead of failing after its training).
     """
     if not (task == "binary" or (task != "multilabel" and probs.shape[1] == 2)):
         return None
-    chosen_on = "given"
-    if threshold is None and val is not None:
+    chosen_on, note = "given", None
+    positive = np.asarray(val[0]) == 1 if val is not None else None
+    if threshold is None and positive is not None and positive.any():
         threshold = threshold_for_sensitivity(
-            np.asarray(val[0]) == 1, np.asarray(val[1])[:, 1], target_sensitivity
+            positive, np.asarray(val[1])[:, 1], target_sensitivity
         )
         chosen_on = f"validation (sensitivity >= {target_sensitivity})"
     elif threshold is None:
         threshold, chosen_on = 0.5, "default"
-    return {"chosen_on": chosen_on, **operating_point(labels == 1, probs[:, 1], threshold)}
+        if positive is not None:
+            note = (
+                f"the validation data ({len(positive)} images) hold no positive example, so no "
+                f"threshold reaches sensitivity {target_sensitivity} on them; 0.5 is used"
+            )
+    op = {"chosen_on": chosen_on, **operating_point(labels == 1, probs[:, 1], threshold)}
+    return {**op, "note": note} if note else op
