@@ -56,6 +56,30 @@ def test_stream_batch_size_is_its_own_field_and_reuses_the_source_fit(tmp_path):
     assert c["source"]["training"]["checkpoint"] != trained
 
 
+def test_a_run_that_leaves_every_source_prediction_unchanged_says_why(tmp_path):
+    """A LayerNorm model whose test sets are one stream batch each: Tent predicts every batch
+    before its update, so its numbers are the source's. The record and the log say so, and
+    why; with several batches per set it adapts and nothing is said."""
+    common = dict(model="tiny-vit", data_options=SMALL, source=QUICK_SOURCE, out_dir=str(tmp_path))
+    source = run_experiment(RunConfig(method="source", **common))
+    plain = np.load(tmp_path / "predictions" / f"{source['run_id']}.npz")
+    for size in (64, 8):
+        rec = run_experiment(RunConfig(method="tent", stream_batch_size=size, **common))
+        probs = np.load(tmp_path / "predictions" / f"{rec['run_id']}.npz")
+        same = {
+            n
+            for n in rec["metrics"]
+            if np.abs(probs[f"probs/{n}"] - plain[f"probs/{n}"]).max() == 0
+        }
+        said = [w for w in rec["tta"]["warnings"] if "equals the unadapted source's" in w]
+        assert len(said) == len(same) and all(any(f" on {n}:" in w for w in said) for n in same)
+        if size == 64:
+            assert max(rec["tta"]["stream_sizes"].values()) <= 64 and same == set(rec["metrics"])
+            assert all("one stream batch" in w and "stream_batch_size 64" in w for w in said)
+        else:
+            assert len(same) < len(rec["metrics"])  # the sets of several batches moved
+
+
 def test_a_prediction_never_depends_on_later_images(data, model):
     """Cutting a stream after two batches leaves every earlier prediction as it was."""
     stream = order_stream(data.where(domain="site-b").subset(range(24)), "class-sorted", 0)

@@ -24,6 +24,7 @@ from clinadapt.errors import ConfigError, IncompatibleError
 from clinadapt.fitted import classifier_metadata, load_fitted
 from clinadapt.methods import METHODS, Context, FitMethod, Method, TTAMethod, predict_proba
 from clinadapt.methods.budget import LabelledBudget
+from clinadapt.methods.trace import unchanged_warnings
 from clinadapt.methods.tta.protocol import order_stream, run_tta, source_method_for
 from clinadapt.models import load_model
 from clinadapt.models.base import FoundationModel
@@ -326,6 +327,10 @@ def classification_outcome(
                 if cfg.method != "source":  # the unadapted model on the same stream
                     source_probs[name] = predict_proba(model, stream, ctx, f"source {name}")
         parts["tta"] = result.info
+        unchanged = unchanged_warnings(cfg.method, result.info, probs, source_probs)
+        if unchanged:  # a run that silently equals its source: say so in the record and log
+            result.info["warnings"] = [*result.info.get("warnings", []), *unchanged]
+            warn(unchanged[0] + (f" (and {len(unchanged) - 1} more)" if len(unchanged) > 1 else ""))
         parts["source"] = {
             **cfg.source.model_dump(),
             "method": src_method,

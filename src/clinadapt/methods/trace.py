@@ -160,3 +160,41 @@ def warnings_for(method: str, name: str, s: dict[str, Any], guarded: bool) -> li
             f"batches (low entropy, one class dominating its window){hint}"
         )
     return out
+
+
+#: adapted and source probabilities closer than this on every image count as "unchanged"
+UNCHANGED_ATOL = 1e-6
+
+
+def unchanged_warnings(
+    method: str,
+    info: dict[str, Any],
+    probs: dict[str, np.ndarray],
+    source_probs: dict[str, np.ndarray],
+) -> list[str]:
+    """Say where a method that updated the model left every prediction of its unadapted source
+    as it was (same images, same order). The usual cause: the set was a single stream batch,
+    and methods that predict each batch before the update it drives (Tent, EATA, SAR, ...) then
+    show nothing of their updates, only what acts within the batch (batch statistics)."""
+    out = []
+    for name, source in source_probs.items():
+        s = info.get("per_set", {}).get(name, {})
+        updates = s.get("updates")
+        adapted = probs.get(name)
+        if not updates or adapted is None or adapted.shape != source.shape:
+            continue
+        if np.abs(adapted - source).max(initial=0.0) > UNCHANGED_ATOL:
+            continue
+        text = (
+            f"{method} on {name}: every prediction equals the unadapted source's although it "
+            f"made {updates} update(s)"
+        )
+        size = info.get("stream_batch_size")
+        if s.get("batches") == 1 and info.get("protocol") != "continual":
+            text += (
+                f"; the set was one stream batch ({len(source)} images, stream_batch_size {size})"
+                " and each batch is predicted before the update it drives, so no update reached "
+                "a prediction: set a smaller stream_batch_size"
+            )
+        out.append(text)
+    return out
