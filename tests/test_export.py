@@ -219,3 +219,34 @@ def test_export_cli_json_and_text(tmp_path):
     assert "adapter_config.json" in by_id.stdout and "load with:" in by_id.stdout
     taken = runner.invoke(app, ["export", str(path), "--out", str(tmp_path / "e")])
     assert taken.exit_code != 0 and "not an empty folder" in str(taken.exception)
+
+
+def test_an_interrupted_export_leaves_nothing_that_looks_like_one(tmp_path, monkeypatch):
+    """The folder appears in one rename when every file is written: a failure half-way leaves
+    no --out folder (and no staging folder), and the same --out then exports afresh."""
+    import clinadapt.export.timm_format as timm_format
+
+    path, _ = _fit(tmp_path, "tiny-vit", "lora+head")
+    folder = tmp_path / "exports" / "e"
+    real = timm_format.export_timm
+
+    def dies_after_the_weights(fitted, out):
+        real(fitted, out)
+        raise KeyboardInterrupt  # e.g. Ctrl-C before the export was reported
+
+    monkeypatch.setattr(timm_format, "export_timm", dies_after_the_weights)
+    with pytest.raises(KeyboardInterrupt):
+        export_model(path, "timm", folder)
+    assert not folder.exists() and list(folder.parent.iterdir()) == []
+    monkeypatch.setattr(timm_format, "export_timm", real)
+    meta = export_model(path, "timm", folder)
+    assert (folder / "model.safetensors").is_file()
+    on_disk = json.loads((folder / "clinadapt_export.json").read_text())
+    assert (
+        on_disk["load"]
+        == meta["load"]
+        == f'timm.create_model("local-dir:{folder}", pretrained=True)'
+    )
+    assert not any(".partial" in p.read_text(errors="ignore") for p in folder.iterdir())
+    assert [p.name for p in folder.parent.iterdir()] == ["e"]
+    assert oct(folder.stat().st_mode & 0o777) == oct((tmp_path / "exports").stat().st_mode & 0o777)

@@ -9,6 +9,11 @@ from: test-time adaptation is a procedure on a stream, not a model.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +32,7 @@ def export_model(
     ``fmt`` defaults to the model family's own library; ``out`` to ``<name>-<fmt>`` beside the
     source. Returns the export's metadata with ``files`` (every file written) and ``folder``.
     """
-    from clinadapt.export.common import check_exportable
+    from clinadapt.export.common import METADATA_FILE, check_exportable, write_json
     from clinadapt.fitted import load_fitted
 
     if fmt is not None and fmt not in FORMATS:
@@ -40,7 +45,6 @@ def export_model(
     folder = Path(out) if out is not None else src.with_name(f"{src.stem}-{fmt}")
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise ConfigError(f"--out {folder}: exists and is not an empty folder; choose another")
-    folder.mkdir(parents=True, exist_ok=True)
     if fmt == "timm":
         from clinadapt.export.timm_format import export_timm as write
     elif fmt == "open_clip":
@@ -49,10 +53,50 @@ def export_model(
         from clinadapt.export.hf_format import export_transformers as write
     else:
         from clinadapt.export.peft_format import export_peft as write
-    meta = write(fitted, folder)
+    with staged_folder(folder) as staging:
+        meta = write(fitted, staging)
+        # the metadata says where the export is loaded from: the folder, not its staging name
+        meta = _renamed(meta, str(staging), str(folder))
+        write_json(staging / METADATA_FILE, meta)
     meta["folder"] = str(folder)
     meta["files"] = sorted(str(p) for p in folder.rglob("*") if p.is_file())
     return meta
+
+
+@contextlib.contextmanager
+def staged_folder(folder: Path) -> Iterator[Path]:
+    """Yield a hidden folder beside ``folder``; on success it becomes ``folder`` in one rename.
+
+    An export killed half-way leaves no folder that looks like an export (only a hidden
+    ``.<name>.*.partial`` one, removed when the failure is an exception), and the next export
+    to the same ``--out`` starts afresh instead of refusing a non-empty folder.
+    """
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(
+        tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent)
+    )
+    try:
+        yield staging
+        mask = os.umask(0)
+        os.umask(mask)
+        staging.chmod(0o777 & ~mask)  # mkdtemp makes 0700; a folder made by mkdir would not be
+        if folder.is_dir():  # checked empty before the work
+            folder.rmdir()
+        os.replace(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _renamed(value: Any, old: str, new: str) -> Any:
+    """``value`` (JSON-like) with ``old`` replaced by ``new`` in every string."""
+    if isinstance(value, str):
+        return value.replace(old, new)
+    if isinstance(value, dict):
+        return {k: _renamed(v, old, new) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_renamed(v, old, new) for v in value]
+    return value
 
 
 __all__ = ["FORMATS", "NATIVE", "export_model"]
