@@ -28,6 +28,7 @@ from clinadapt.methods.trace import unchanged_warnings
 from clinadapt.methods.tta.protocol import order_stream, run_tta, source_method_for
 from clinadapt.models import load_model
 from clinadapt.models.base import FoundationModel
+from clinadapt.models.volume.base import check_spatial_dims
 from clinadapt.preflight import check_run
 from clinadapt.progress import status, status_once, warn
 from clinadapt.record import build_record, summarise, versions
@@ -163,6 +164,7 @@ def fit_source(
     model = build_classifier(
         cfg, split.train.num_classes, split.train.class_names, encoder=ctx.encoder
     )
+    check_spatial_dims(model.encoder, split.train.spatial_dims, split.train.name)
     target_options = cfg.target_options if method_name == cfg.method else None
     info = apply_target(model, target, target_options)
     # domain-adaptation methods (dapl) also see the shifted test images, without labels
@@ -213,6 +215,7 @@ def source_from(
     """The fitted model ``cfg.source.from`` names (a record or adapted-weights file), checked
     against this run: same model, same classes in the same order."""
     fitted = load_fitted(cfg.source.from_, device=cfg.device)
+    check_spatial_dims(fitted.model.encoder, split.train.spatial_dims, split.train.name)
     name = fitted.model.encoder.name
     if name != cfg.model:
         raise ConfigError(
