@@ -215,3 +215,24 @@ def test_image_parts_reproduce_every_headline_metric():
         table_from_arrays(arrays, "u", ["organ", "lesion"])
     with pytest.raises(DataError, match="unknown segmentation metric"):
         image_parts(table, "accuracy")
+
+
+def test_against_source_pairs_the_same_images():
+    from clinadapt.evaluation.seg_evaluate import against_source
+
+    refs = [box(10, 10, 2, 2, 6, 6).astype(np.uint8) for _ in range(6)]
+    good = [r.copy() for r in refs]
+    worse = [np.roll(r, 2, axis=1) for r in refs]
+    ones = np.ones((6, 2))
+    adapted = score_images(worse, refs, ones, ["x"])
+    source = score_images(good, refs, ones, ["x"])
+    meta = {"patient_id": np.array(["a", "a", "b", "b", "c", "c"])}
+    out = against_source("t", adapted, source, meta, n_boot=30, seed=0)
+    vs = out["vs_source"]["dice"]
+    assert vs["source"] == 1.0 and vs["adapted"] == pytest.approx(2 * 8 / 32)
+    assert vs["change"] == pytest.approx(vs["adapted"] - 1.0)
+    assert vs["low"] == vs["high"] == pytest.approx(vs["change"])  # the same on every resample
+    assert out["vs_source"]["hd95"]["change"] == pytest.approx(2.0)  # lower is better: worse
+    (d,) = [d for d in out["degraded"] if d["metric"] == "dice"]
+    assert d["set"] == "t" and d["significant"]
+    assert out["source_metrics"]["dice"] == 1.0

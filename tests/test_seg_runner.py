@@ -211,6 +211,18 @@ def test_test_time_adaptation_of_a_segmenter_and_a_unet(tmp_path):
         "site-d",
     }
     assert "fill-box" in rec["baselines"]["site-b"] and rec["target"]["spec"] == "norm"
+    vs = rec["vs_source"]["site-b"]["dice"]
+    assert vs["change"] == pytest.approx(vs["adapted"] - vs["source"])
+    assert vs["adapted"] == pytest.approx(rec["metrics"]["site-b"]["dice"])
+    assert rec["source_metrics"]["site-b"]["dice"] == pytest.approx(vs["source"])
+    # a method that changes nothing scores exactly as its source, on every set
+    still = run(
+        tmp_path, "seg-tent", source={"options": {"epochs": 1}}, method_options={"lr": 1e-12}
+    )
+    for name, per_metric in still["vs_source"].items():
+        assert per_metric["dice"]["change"] == 0.0, name
+        assert per_metric["dice_present"]["low"] <= 0.0 <= per_metric["dice_present"]["high"]
+    assert still["degraded"] == {} or all(v == [] for v in still["degraded"].values())
     unet = run(
         tmp_path,
         "intent",

@@ -52,12 +52,15 @@ def change_vs_source(
     return out
 
 
-def degradations(vs_source: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> list[dict[str, Any]]:
+def degradations(
+    vs_source: Mapping[str, Mapping[str, Mapping[str, Any]]],
+    flagged: tuple[str, ...] = FLAGGED,
+) -> list[dict[str, Any]]:
     """Every (test set, flagged metric) where the adapted model ends below its source;
     ``significant`` when the whole CI of the change lies below 0."""
     out = []
     for name, per_metric in vs_source.items():
-        for m in FLAGGED:
+        for m in flagged:
             c = per_metric.get(m)
             if c is None or c["change"] >= 0:
                 continue

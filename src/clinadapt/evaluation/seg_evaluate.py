@@ -80,3 +80,50 @@ def evaluate_segmentation(
     if warn:
         out["warnings"] = warn
     return out
+
+
+# compared against the unadapted source; a drop in the flagged ones is a degradation
+SEG_COMPARED = ("dice", "dice_present", "nsd", "hd95")
+SEG_FLAGGED = ("dice_present", "dice")
+
+
+def against_source(
+    test_set: str,
+    adapted: SegTable,
+    source: SegTable,
+    metadata: Mapping[str, np.ndarray] | None = None,
+    *,
+    n_boot: int = 200,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """A test-time adapted model against its unadapted source on the same images:
+    ``source_metrics``, ``vs_source`` (per metric source, adapted, change; for the flagged ones
+    the percentile CI of the change from paired bootstrap resamples of patients, or images) and
+    ``degraded`` (the flagged metrics that ended below the source)."""
+    from clinadapt.evaluation.compare import degradations
+
+    src, ada = summarise_table(source), summarise_table(adapted)
+    vs: dict[str, dict[str, Any]] = {}
+    for m in SEG_COMPARED:
+        a, b = ada.get(m), src.get(m)
+        if a is None or b is None or not (np.isfinite(a) and np.isfinite(b)):
+            continue
+        vs[m] = {"source": float(b), "adapted": float(a), "change": float(a) - float(b)}
+    flagged = [m for m in SEG_FLAGGED if m in vs]
+    if n_boot and flagged:
+        rows = np.arange(len(adapted))
+
+        def difference(r: np.ndarray, _unused: np.ndarray) -> dict[str, float]:
+            x, y = summarise_table(adapted.take(r)), summarise_table(source.take(r))
+            return {m: x[m] - y[m] for m in flagged}
+
+        groups = (metadata or {}).get("patient_id")
+        ci = bootstrap_ci(rows, rows, difference, n_boot, alpha, seed, groups)
+        for m in flagged:
+            vs[m]["low"], vs[m]["high"] = ci[m]["low"], ci[m]["high"]
+    return {
+        "source_metrics": src,
+        "vs_source": vs,
+        "degraded": degradations({test_set: vs}, SEG_FLAGGED),
+    }

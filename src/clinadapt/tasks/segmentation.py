@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from clinadapt.errors import ConfigError
-from clinadapt.evaluation.seg_evaluate import evaluate_segmentation
+from clinadapt.evaluation.seg_evaluate import against_source, evaluate_segmentation
 from clinadapt.evaluation.seg_metrics import SegTable, one_hot, score_images
 from clinadapt.progress import status
 from clinadapt.tasks.base import TASKS, Outcome, Task
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from clinadapt.shifts import ShiftSplit
 
 FILL_BOX = "fill-box"
+log = logging.getLogger("clinadapt.evaluation")
 CASE_RANKS = ("best", "median", "worst")
 
 
@@ -143,6 +145,7 @@ class SegmentationTask(Task):
     # what promptable-segmentation papers report; it also compares every method on the same
     # (image, class) pairs, while "dice" gives prompted methods the empty pairs for free
     headline = "dice_present"
+    # a test-time run also holds, per set, its unadapted source's metrics and the change
     evaluation_parts = (
         "subgroups",
         "ci",
@@ -151,6 +154,9 @@ class SegmentationTask(Task):
         "cases",
         "counts",
         "warnings",
+        "source_metrics",
+        "vs_source",
+        "degraded",
     )
     default_model = "tiny-sam"
     default_data = "clinical-shift-seg"
@@ -288,6 +294,11 @@ class SegmentationTask(Task):
         timings["fit_s"] = time.perf_counter() - t
         t = time.perf_counter()
         opts = method.parse_options(cfg.method_options)
+        src_opts = source.parse_options(cfg.source.options)
+        # the unadapted source on the same images, to measure what adaptation changed
+        source_preds = {
+            name: source.predict(model, test, src_opts, ctx) for name, test in split.tests.items()
+        }
         target = cfg.target or method.default_target
         if target == "none":  # the method moves no parameter of the source model
             info = TargetInfo(spec="none", trainable=0, total=src_info.total)
@@ -328,7 +339,9 @@ class SegmentationTask(Task):
         }
         if prompted:
             parts["prompts"] = describe_prompts(cfg)
-        return outcome(model, info, method, opts, preds, split, parts)
+        result = outcome(model, info, method, opts, preds, split, parts)
+        result.predictions["source_sets"] = source_preds
+        return result
 
     def evaluate(
         self, outcome: Outcome, split: ShiftSplit, cfg: RunConfig
@@ -366,6 +379,22 @@ class SegmentationTask(Task):
                 out[name]["baselines"] = {
                     FILL_BOX: {k: fb_eval[k] for k in ("metrics", "ci") if k in fb_eval}
                 }
+            source = outcome.predictions.get("source_sets", {}).get(name)
+            if source is not None:
+                src_table = score_images(
+                    source.masks, refs, test.spacing, test.class_names, ev.nsd_tolerance_mm
+                )
+                out[name].update(
+                    against_source(
+                        name,
+                        table,
+                        src_table,
+                        test.metadata,
+                        n_boot=ev.n_boot,
+                        alpha=ev.alpha,
+                        seed=cfg.seed,
+                    )
+                )
             cases = pick_cases(table)
             out[name]["cases"] = {
                 rank: {"position": i, "dice": float(table.image_dice()[i])}
@@ -382,6 +411,19 @@ class SegmentationTask(Task):
             for key in ("patient_id", *ev.subgroup_keys):  # for pooled, patient-level CIs
                 if key in test.metadata:
                     arrays[f"meta/{name}/{key}"] = test.metadata[key]
+        degraded = [d for e in out.values() for d in e.get("degraded", [])]
+        if degraded:  # one line per run; every case is in the record
+            from clinadapt.evaluation.compare import describe
+
+            worst = min(degraded, key=lambda d: d["change"])
+            log.warning(
+                "%s ended below the unadapted source on %d of %d test sets "
+                "(record['degraded']); the largest drop: %s",
+                cfg.method,
+                len({d["set"] for d in degraded}),
+                len(out),
+                describe(cfg.method, worst),
+            )
         return out
 
     def write(self, out_dir: str, record: dict[str, Any], outcome: Outcome) -> None:
