@@ -286,3 +286,65 @@ def test_describe_is_json_able(segmenters):
     d = segmenters["tiny-medsam"].describe()
     json.dumps(d)
     assert d["preprocess"]["rule"] == "medsam" and d["task"] == "segmentation"
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_many_prompts_are_decoded_in_parts_with_the_same_masks(segmenters, name, monkeypatch):
+    seg = segmenters[name]
+    img = _image()
+    rng = np.random.default_rng(0)
+    x1, y1 = rng.integers(0, 40, 11), rng.integers(0, 25, 11)
+    boxes = np.stack([x1, y1, x1 + rng.integers(5, 29, 11), y1 + rng.integers(5, 24, 11)], 1)
+    points = np.stack([(x1 + 2)[:, None], (y1 + 2)[:, None]], -1)
+    prompts = make_prompts(img.shape, boxes=boxes, points=points, point_labels=np.ones((11, 1)))
+    emb = seg.embed(img)
+    monkeypatch.setattr(seg, "prompt_batch", 1000)
+    whole = seg.predict(emb, prompts)
+    calls = []
+    decode = seg.decode_prompts
+
+    def counted(features, part, multimask=False):
+        calls.append(part.count)
+        return decode(features, part, multimask)
+
+    monkeypatch.setattr(seg, "decode_prompts", counted)
+    monkeypatch.setattr(seg, "prompt_batch", 4)
+    parts = seg.predict(emb, prompts)
+    assert calls == [4, 4, 3]
+    close = {"atol": 1e-4, "rtol": 1e-4}  # batched matmuls round differently
+    torch.testing.assert_close(parts.probs, whole.probs, **close)
+    torch.testing.assert_close(parts.scores, whole.scores, **close)
+    torch.testing.assert_close(parts.low_res_logits, whole.low_res_logits, **close)
+    with torch.no_grad():  # the inference path of mask_probs (streams, predict_dataset)
+        (probs,) = seg.mask_probs([img], [prompts])
+    torch.testing.assert_close(probs.probs, whole.probs, **close)
+
+
+def test_out_of_memory_halves_the_prompt_part_and_keeps_the_masks(segmenters, monkeypatch):
+    seg = segmenters["tiny-sam"]
+    img = _image()
+    boxes = [[15, 10, 44, 29], [0, 0, 20, 20], [5, 5, 60, 40], [30, 20, 69, 49], [1, 1, 9, 9]]
+    prompts = make_prompts(img.shape, boxes=boxes)
+    emb = seg.embed(img)
+    whole = seg.predict(emb, prompts)
+    decode, calls = seg.decode_prompts, []
+
+    def small_device(features, part, multimask=False):  # a device that fits two prompts
+        calls.append(part.count)
+        if part.count > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return decode(features, part, multimask)
+
+    monkeypatch.setattr(seg, "decode_prompts", small_device)
+    monkeypatch.setattr(seg, "prompt_batch", 64)
+    out = seg.predict(emb, prompts)
+    torch.testing.assert_close(out.probs, whole.probs, atol=1e-4, rtol=1e-4)
+    assert calls == [5, 2, 2, 1] and seg.prompt_batch == 2
+
+    def no_memory(features, part, multimask=False):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(seg, "decode_prompts", no_memory)
+    with pytest.raises(torch.OutOfMemoryError) as err:
+        seg.predict(emb, prompts)
+    assert "decoding a single prompt" in "".join(err.value.__notes__)

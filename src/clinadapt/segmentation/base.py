@@ -35,6 +35,12 @@ from clinadapt.segmentation.prompts import (
 
 Features = torch.Tensor | list[torch.Tensor]
 
+#: Prompts decoded at once on one image without gradients. The decoder runs on a copy of the
+#: image embedding per prompt, so hundreds of objects (one prompt per cell or nodule) at once
+#: exhaust a GPU; SAM's automatic mask generator decodes 64 points per batch
+#: (segment_anything/automatic_mask_generator.py, points_per_batch=64).
+PROMPT_BATCH = 64
+
 
 @dataclass
 class ModelPrompts:
@@ -46,6 +52,19 @@ class ModelPrompts:
     masks: torch.Tensor | None  # (P, 1, m, m) logits
     count: int
     use_default: bool = False
+
+    def part(self, start: int, stop: int) -> ModelPrompts:
+        """Objects ``start:stop`` (the learned default prompt is never split)."""
+        if self.use_default or (start, stop) == (0, self.count):
+            return self
+
+        def cut(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[start:stop]
+
+        stop = min(stop, self.count)
+        return ModelPrompts(
+            cut(self.boxes), cut(self.points), cut(self.labels), cut(self.masks), stop - start
+        )
 
 
 @dataclass
@@ -135,6 +154,8 @@ class Segmenter(nn.Module, MaskModel):
         self.mask_input_size = int(mask_input_size)
         self.source = source
         self.default_prompt: DefaultPrompt | None = None
+        # prompts per decoder call at inference; halved on out-of-memory (see decode_in_parts)
+        self.prompt_batch = PROMPT_BATCH
 
     # --- the three parts, by family ----------------------------------------------------------
 
@@ -286,12 +307,43 @@ class Segmenter(nn.Module, MaskModel):
         mp = self.model_prompts(prompts, embedding.frame)
         if multimask is None:
             multimask = self.preprocessing.rule != "medsam" and prompts.single_point()
-        low, iou = self.decode_prompts(embedding.features, mp, multimask)
-        low, score = choose_mask(low, iou)
+        probs, score, low = self.decode_in_parts(embedding.features, mp, multimask, embedding.frame)
         ids = np.arange(1, mp.count + 1, dtype=np.int64) if mp.use_default else prompts.ids()
-        return SegmentationOutput(
-            self.upsample(low, embedding.frame).cpu(), score.cpu(), low.cpu(), ids
-        )
+        return SegmentationOutput(probs.cpu(), score.cpu(), low.cpu(), ids)
+
+    def decode_in_parts(
+        self, features: Features, prompts: ModelPrompts, multimask: bool, frame: Frame
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Decode one image's prompts ``prompt_batch`` at a time, without gradients: (P, H, W)
+        probabilities at the image's resolution, (P,) scores and (P, h, w) low-res logits.
+
+        When the device runs out of memory the part is halved (down to one prompt) and the
+        smaller size kept for the rest of the run; the masks are the same whatever the size.
+        """
+        outs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        start = 0
+        while start < prompts.count:
+            part = prompts.part(start, start + max(1, int(self.prompt_batch)))
+            try:
+                with torch.no_grad():
+                    low, iou = self.decode_prompts(features, part, multimask)
+                    low, score = choose_mask(low, iou)
+                    outs.append((self.upsample(low, frame), score, low))
+            except torch.OutOfMemoryError as e:
+                if part.count <= 1:
+                    e.add_note(
+                        f"segmenter {self.name!r}: out of memory decoding a single prompt on "
+                        f"{self.device}; use a smaller image, --precision bf16, or the CPU"
+                    )
+                    raise
+                self.prompt_batch = max(1, part.count // 2)
+            else:
+                start += part.count
+                continue
+            if self.device.type == "cuda":  # the failed part's tensors are released by now
+                torch.cuda.empty_cache()
+        probs, scores, lows = (torch.cat(t) for t in zip(*outs, strict=True))
+        return probs, scores, lows
 
     def mask_probs(
         self,
@@ -316,10 +368,13 @@ class Segmenter(nn.Module, MaskModel):
                 continue
             mp = self.model_prompts(p, frame)
             multimask = self.preprocessing.rule != "medsam" and p.single_point()
-            low, iou = self.decode_prompts(take(feats, i), mp, multimask)
-            low, _ = choose_mask(low, iou)
+            if torch.is_grad_enabled():  # training: the whole image's prompts in one graph
+                low, iou = self.decode_prompts(take(feats, i), mp, multimask)
+                probs = self.upsample(choose_mask(low, iou)[0], frame)
+            else:
+                probs = self.decode_in_parts(take(feats, i), mp, multimask, frame)[0]
             ids = np.arange(1, mp.count + 1, dtype=np.int64) if mp.use_default else p.ids()
-            out.append(ProbMap(self.upsample(low, frame), False, ids))
+            out.append(ProbMap(probs, False, ids))
         return out
 
     def forward(
