@@ -443,6 +443,22 @@ def sweep(
     config: Annotated[Path, typer.Argument(help="sweep YAML: a base config and lists to combine")],
     workers: Annotated[int, typer.Option(help="parallel worker processes on this machine")] = 1,
     use_ray: Annotated[bool, typer.Option("--ray", help="run each run as a Ray task")] = False,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            "--ray-address",
+            help="Ray cluster to run on (implies --ray; default: $RAY_ADDRESS, else a local "
+            "Ray instance)",
+        ),
+    ] = None,
+    ray_cpus: Annotated[float, typer.Option("--ray-cpus", help="CPUs per run on Ray")] = 1.0,
+    ray_gpus: Annotated[
+        float | None,
+        typer.Option(
+            "--ray-gpus",
+            help="GPUs per run on Ray (default: 1 when the runs use a GPU and the cluster has one)",
+        ),
+    ] = None,
     out: Annotated[str | None, typer.Option("--out", help="directory for result records")] = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="list the runs and which are done; run nothing")
@@ -471,7 +487,14 @@ def sweep(
             runs = [[r["run_id"], "done" if r["done"] else "to run"] for r in rows]
             console.print(_plain_table("runs", ["run", "status"], runs))
         return
-    result = run_sweep(spec, workers=workers, use_ray=use_ray)
+    result = run_sweep(
+        spec,
+        workers=workers,
+        use_ray=use_ray,
+        ray_address=ray_address,
+        ray_cpus=ray_cpus,
+        ray_gpus=ray_gpus,
+    )
     summary: dict[str, Any] = {"out_dir": spec.out_dir, **result.to_dict()}
     if with_report and (result.ran or result.skipped):
         from clinadapt.evaluation.report import write_report

@@ -134,6 +134,12 @@ class RunConfig(BaseModel):
         "(long-tailed label prevalence, ratio 10); segmentation: random or size-sorted "
         "(ascending object area, empty images first)",
     )
+    stream_executor: Literal["local", "ray"] = Field(
+        "local",
+        description="where the independent test streams of a test-time method run: one after "
+        "another here, or each as a Ray task (per-shift and episodic; $RAY_ADDRESS names the "
+        "cluster); the results are the same",
+    )
     prompt: dict[str, Any] | None = Field(
         None,
         description="segmentation: how each image's prompts derive from its reference, the "
@@ -193,7 +199,7 @@ class RunConfig(BaseModel):
     def identity(self) -> dict[str, Any]:
         """The fields that define the experiment (not where its results go or which device ran
         it). Fields added later are left out at their defaults, so earlier run ids still hold."""
-        exclude: set[str] = {"out_dir", "device", "loader_workers"} | (
+        exclude: set[str] = {"out_dir", "device", "loader_workers", "stream_executor"} | (
             {"prompt"} if self.prompt is None else set()
         )
         if self.precision == "fp32":

@@ -115,6 +115,15 @@ def check_run(cfg: RunConfig, data: bool = True) -> None:
         METHODS.get(source_method_for(method, cfg.source.method))().parse_options(
             cfg.source.options
         )
+    if cfg.stream_executor == "ray":
+        if not isinstance(method, TTAMethod) or method.task != "classification":
+            raise ConfigError(
+                f"stream_executor=ray runs the test streams of classification test-time "
+                f"methods; {cfg.method!r} is not one (leave stream_executor local)"
+            )
+        from clinadapt.ray_tasks import import_ray
+
+        import_ray("stream_executor=ray")
     if data:
         check_data_options(cfg.data, cfg.data_options)
     check_call_options(

@@ -317,6 +317,7 @@ def classification_outcome(
             protocol=cfg.tta_protocol,
             order=cfg.stream_order,
             source=split.val if split.val is not None else split.train,
+            executor=cfg.stream_executor,
         )
         for name, p in result.probs.items():
             n = len(result.labels[name])

@@ -44,7 +44,6 @@ AXIS_ALIASES = {
     "datasets": "data",
     "seeds": "seed",
 }
-RAY_HINT = "pip install 'clinadapt[ray]'  (or: pip install 'ray[default]')"
 
 
 @dataclass
@@ -159,12 +158,28 @@ def _init_worker(threads: int) -> None:
 
 
 def run_sweep(
-    sweep: Sweep | list[RunConfig], workers: int = 1, use_ray: bool = False
+    sweep: Sweep | list[RunConfig],
+    workers: int = 1,
+    use_ray: bool = False,
+    *,
+    ray_address: str | None = None,
+    ray_cpus: float = 1.0,
+    ray_gpus: float | None = None,
 ) -> SweepResult:
-    """Run every configuration that has no record yet; in ``workers`` processes or as Ray tasks."""
+    """Run every configuration that has no record yet; in ``workers`` processes or as Ray tasks.
+
+    With ``use_ray`` (implied by ``ray_address``) each run is one Ray task with ``ray_cpus``
+    CPUs and ``ray_gpus`` GPUs (default: one when the runs use a GPU and the cluster has one);
+    see :mod:`clinadapt.ray_tasks` for how the cluster is found. A task that dies counts as a
+    failed run, which the next sweep retries.
+    """
     configs = sweep.configs() if isinstance(sweep, Sweep) else list(sweep)
     if workers < 1:
         raise ConfigError(f"workers must be >= 1, got {workers}")
+    if use_ray or ray_address:
+        from clinadapt.ray_tasks import check_resources
+
+        check_resources(ray_cpus, ray_gpus)
     for cfg in configs:  # every run's options before the first run starts
         check_run(cfg)
     result = SweepResult(total=len(configs))
@@ -190,8 +205,8 @@ def run_sweep(
             progress.update(1)
             progress.set_postfix(failed=len(result.failed))
 
-        if use_ray:
-            _run_ray(todo, done)
+        if use_ray or ray_address:
+            _run_ray(todo, done, ray_address, ray_cpus, ray_gpus)
         elif workers == 1:
             for cfg in todo:
                 done(*run_one(cfg.model_dump()))
@@ -220,23 +235,34 @@ def _run_processes(todo: list[RunConfig], workers: int, done) -> None:
             raise
 
 
-def _run_ray(todo: list[RunConfig], done) -> None:
-    try:
-        import ray
-    except ImportError:
-        raise ConfigError(f"--ray needs Ray, which is not installed: {RAY_HINT}") from None
-    if not ray.is_initialized():
-        ray.init(ignore_reinit_error=True, log_to_driver=not is_quiet())
-    remote = ray.remote(_ray_task)
-    pending = [remote.remote(cfg.model_dump()) for cfg in todo]
-    while pending:
-        finished, pending = ray.wait(pending, num_returns=1)
-        for ref in finished:
-            done(*ray.get(ref))
+def _run_ray(
+    todo: list[RunConfig], done, address: str | None, cpus: float, gpus: float | None
+) -> None:
+    from clinadapt.ray_tasks import ray_session, run_tasks, task_gpus
+
+    if not todo:
+        return
+    with ray_session(address, quiet=is_quiet()) as ray:
+        # one GPU per run when the runs use one (all of a sweep's runs share its device)
+        devices = {cfg.device for cfg in todo}
+        per_run = max(task_gpus(ray, d, gpus) for d in devices)
+
+        def finished(i: int, result: tuple[str, str | None] | None, error: BaseException | None):
+            if error is not None:  # the task itself died (worker killed, out of memory, ...)
+                done(todo[i].run_id(), f"Ray task failed: {type(error).__name__}: {error}")
+            else:
+                done(*result)
+
+        run_tasks(
+            _ray_run,
+            [(cfg.model_dump(),) for cfg in todo],
+            finished,
+            cpus=cpus,
+            gpus=per_run,
+        )
 
 
-def _ray_task(config: dict[str, Any]) -> tuple[str, str | None]:
-    set_quiet(True)
+def _ray_run(_shared: None, config: dict[str, Any]) -> tuple[str, str | None]:
     return run_one(config)
 
 

@@ -13,6 +13,10 @@ Orders (``RunConfig.stream_order``), i.e. label-prevalence shift inside a stream
 - ``imbalanced``: a long-tailed subsample, class k kept with frequency ratio**(-k/(K-1)) of the
   largest (ratio 10), in random order.
 
+Streams that start from the source model (one per test set under ``per-shift`` and
+``episodic``) are independent: ``RunConfig.stream_executor="ray"`` adapts them as parallel Ray
+tasks, each stream still in order, with the same results as one after another.
+
 The stream's batch size is ``ctx.batch_size`` (``RunConfig.stream_batch_size``); 1 gives
 single-sample streams, and BatchNorm methods then blend the source statistics in (see
 ``methods/tta/bn.py``). Any :class:`TTAMethod` works with every protocol: the protocol only
@@ -26,6 +30,8 @@ batches.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -50,6 +56,7 @@ Protocol = Literal["per-shift", "episodic", "continual"]
 StreamOrder = Literal["random", "class-sorted", "imbalanced"]
 PROTOCOLS: tuple[str, ...] = ("per-shift", "episodic", "continual")
 ORDERS: tuple[str, ...] = ("random", "class-sorted", "imbalanced")
+EXECUTORS: tuple[str, ...] = ("local", "ray")
 IMBALANCE_RATIO = 10.0
 
 
@@ -114,10 +121,18 @@ def run_tta(
     protocol: str = "per-shift",
     order: str = "random",
     source: ClinicalDataset | None = None,
+    executor: str = "local",
 ) -> TTAResult:
-    """Stream every test set through ``method`` under ``protocol``; account for each set."""
+    """Stream every test set through ``method`` under ``protocol``; account for each set.
+
+    ``executor="ray"`` adapts the independent streams (one per test set under ``per-shift``
+    and ``episodic``) as parallel Ray tasks, each still sequential, with the same results as
+    one after another here (``continual`` is one stream and runs here).
+    """
     if protocol not in PROTOCOLS:
         raise ConfigError(f"unknown TTA protocol {protocol!r}; choose one of {PROTOCOLS}")
+    if executor not in EXECUTORS:
+        raise ConfigError(f"unknown stream executor {executor!r}; choose one of {EXECUTORS}")
     streams = {name: order_stream(ds, order, ctx.seed) for name, ds in tests.items()}
     method.prepare(model, source, options, ctx)
     results: dict[str, StreamResult] = {}
@@ -128,29 +143,88 @@ def run_tta(
         bounds = np.cumsum([0] + [len(streams[n]) for n in names])
         results = dict(zip(names, res.split(bounds), strict=True))
     else:
+        if executor == "ray" and len(streams) > 1:
+            adapted = adapt_on_ray(method, model, streams, options, ctx, protocol)
+        else:
+            adapted = {
+                name: adapt_stream(method, model, stream, options, ctx, protocol)
+                for name, stream in streams.items()
+            }
         for name, stream in streams.items():
-            if protocol == "per-shift":
-                res = method.adapt(model, stream, options, ctx)
-            else:
-                chunks = range(0, len(stream), ctx.batch_size)
-                res = StreamResult.concat(
-                    [
-                        method.adapt(
-                            model,
-                            stream.subset(np.arange(s, min(s + ctx.batch_size, len(stream)))),
-                            options,
-                            ctx,
-                        )
-                        for s in chunks
-                    ]
-                )
-            results[name] = with_monitor(res, stream.num_classes, ctx)
+            results[name] = with_monitor(adapted[name], stream.num_classes, ctx)
     return TTAResult(
         {n: r.probs for n, r in results.items()},
         {n: s.labels for n, s in streams.items()},
         account(method, options, results, protocol, order, ctx),
         {n: s.metadata for n, s in streams.items()},
     )
+
+
+def adapt_stream(
+    method: TTAMethod,
+    model: ImageClassifier,
+    stream: ClinicalDataset,
+    options: Options,
+    ctx: Context,
+    protocol: str,
+) -> StreamResult:
+    """One independent stream: adapted from the source model (``per-shift``), or from the
+    source model again at every batch (``episodic``)."""
+    if protocol == "per-shift":
+        return method.adapt(model, stream, options, ctx)
+    chunks = range(0, len(stream), ctx.batch_size)
+    return StreamResult.concat(
+        [
+            method.adapt(
+                model,
+                stream.subset(np.arange(s, min(s + ctx.batch_size, len(stream)))),
+                options,
+                ctx,
+            )
+            for s in chunks
+        ]
+    )
+
+
+def adapt_on_ray(
+    method: TTAMethod,
+    model: ImageClassifier,
+    streams: dict[str, ClinicalDataset],
+    options: Options,
+    ctx: Context,
+    protocol: str,
+) -> dict[str, StreamResult]:
+    """Each stream as one Ray task (the method, its source model and options sent once)."""
+    from clinadapt.ray_tasks import ray_session, run_tasks, task_gpus
+
+    names = list(streams)
+    out: dict[str, StreamResult] = {}
+
+    def done(i: int, result: StreamResult | None, error: BaseException | None) -> None:
+        if error is not None:
+            raise IncompatibleError(
+                f"{method.name}: the Ray task of stream {names[i]!r} failed: {error}"
+            )
+        out[names[i]] = result
+
+    # the model travels on the CPU; each task moves it to its own device
+    shared = (method, copy.deepcopy(model).cpu(), options, dataclasses.replace(ctx, encoder=None))
+    with ray_session(what="stream_executor=ray") as ray:
+        run_tasks(
+            _adapt_task,
+            [(streams[n], protocol) for n in names],
+            done,
+            gpus=task_gpus(ray, ctx.device, None),
+            shared=shared,
+        )
+    return {n: out[n] for n in names}
+
+
+def _adapt_task(shared: tuple, stream: ClinicalDataset, protocol: str) -> StreamResult:
+    method, model, options, ctx = shared
+    if ctx.device.startswith("cuda"):  # the GPU Ray gave this task is its cuda:0
+        ctx = dataclasses.replace(ctx, device="cuda")
+    return adapt_stream(method, model.to(ctx.device), stream, options, ctx, protocol)
 
 
 def with_monitor(res: StreamResult, num_classes: int, ctx: Context) -> StreamResult:
