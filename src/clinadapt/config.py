@@ -36,7 +36,7 @@ class SourceConfig(BaseModel):
     method: str = Field(
         None,  # type: ignore[assignment]
         description="fit method that trains the source model (default: finetune, or "
-        "seg-finetune for segmentation)",
+        "seg-finetune for segmentation, seg3d-finetune for volumes)",
     )
     target: str | None = Field(
         None, description="what the source training updates (default: that method's own)"
@@ -180,11 +180,13 @@ class RunConfig(BaseModel):
     def _task_defaults(self) -> RunConfig:
         """Fill unset fields with the defaults of the method's task (model, dataset, source
         method, prompts) and refuse prompts for classification."""
-        from clinadapt.tasks.base import method_task, task_defaults
+        from clinadapt.tasks.base import TASKS, method_task, task_defaults
 
         task = method_task(self.method)
         if self.source.method is None:
-            self.source.method = "seg-finetune" if task == "segmentation" else "finetune"
+            import clinadapt.tasks  # noqa: F401  (registers the tasks)
+
+            self.source.method = TASKS.get(task).default_source
         model, data = task_defaults(self.method, self.source.method)
         self.model = self.model or model
         self.data = self.data or data

@@ -35,20 +35,24 @@ NSD_TOLERANCE_MM = 2.0
 SIZE_EDGES_MM = (10.0, 30.0)
 
 
-def one_hot(mask: np.ndarray, num_classes: int) -> np.ndarray:
-    """A (H,W) label map 0..C as (C,H,W) booleans; a (C,H,W) array is checked and passed on."""
+def one_hot(mask: np.ndarray, num_classes: int, dims: int = 2) -> np.ndarray:
+    """A label map 0..C ((H,W), or (X,Y,Z) with ``dims`` 3) as (C, ...) booleans; a (C, ...)
+    array is checked and passed on."""
     mask = np.asarray(mask)
-    if mask.ndim == 3:
+    shape = "(H,W)" if dims == 2 else "(X,Y,Z)"
+    if mask.ndim == dims + 1:
         if mask.shape[0] != num_classes:
-            raise DataError(f"a (C,H,W) mask needs C = {num_classes}, got {mask.shape[0]}")
+            raise DataError(f"a (C,{shape[1:]} mask needs C = {num_classes}, got {mask.shape[0]}")
         return mask.astype(bool)
-    if mask.ndim != 2:
-        raise DataError(f"a mask must be (H,W) labels or (C,H,W) booleans, got {mask.shape}")
+    if mask.ndim != dims:
+        raise DataError(
+            f"a mask must be {shape} labels or (C,{shape[1:]} booleans, got {mask.shape}"
+        )
     return np.stack([mask == c for c in range(1, num_classes + 1)])
 
 
 def edges(mask: np.ndarray) -> np.ndarray:
-    """Boundary pixels: the mask minus its erosion (4-connected; the image border counts)."""
+    """Boundary pixels: the mask minus its erosion (4-connected, 6 in 3D; the border counts)."""
     return mask ^ binary_erosion(mask, border_value=0)
 
 
@@ -115,7 +119,11 @@ class SegTable:
         return self.ref_present != self.pred_present
 
     def ref_diameter_mm(self) -> np.ndarray:
-        """(N,C) diameter of the disc with the reference's area (0 for an empty reference)."""
+        """(N,C) diameter of the disc with the reference's area, or for volumes (3 spacings) of
+        the sphere with its volume (0 for an empty reference)."""
+        if self.spacing.shape[1] == 3:
+            mm3 = self.ref_area * np.prod(self.spacing, axis=1)[:, None]
+            return 2.0 * np.cbrt(3.0 * mm3 / (4.0 * np.pi))
         mm2 = self.ref_area * (self.spacing[:, 0] * self.spacing[:, 1])[:, None]
         return 2.0 * np.sqrt(mm2 / np.pi)
 
@@ -139,9 +147,11 @@ def score_image(
 ) -> dict[str, np.ndarray]:
     """Per-class values of one image: dice, iou, nsd, hd95, ref_area, pred_area, each (C,).
 
-    ``pred`` and ``ref`` are (H,W) label maps 0..C or (C,H,W) booleans (overlapping classes).
+    ``pred`` and ``ref`` are (H,W) label maps 0..C or (C,H,W) booleans (overlapping classes);
+    with three spacings, (X,Y,Z) label volumes or (C,X,Y,Z) booleans (areas are voxel counts).
     """
-    p, r = one_hot(pred, num_classes), one_hot(ref, num_classes)
+    dims = len(spacing)
+    p, r = one_hot(pred, num_classes, dims), one_hot(ref, num_classes, dims)
     if p.shape != r.shape:
         raise DataError(f"prediction {p.shape[1:]} and reference {r.shape[1:]} differ in size")
     out = {k: np.zeros(num_classes) for k in (*TABLE_METRICS, "ref_area", "pred_area")}

@@ -54,6 +54,8 @@ class Task(abc.ABC):
     #: the model and dataset a run of this task uses when the config names none (offline)
     default_model: ClassVar[str]
     default_data: ClassVar[str]
+    #: the fit method that trains the source of a test-time run when the config names none
+    default_source: ClassVar[str] = "finetune"
 
     def check(self, method: Method, data: ClinicalDataset) -> None:
         """Refuse a method made for another task, naming both."""
@@ -86,9 +88,16 @@ class Task(abc.ABC):
         """Write the predictions, then the record (a record always has its predictions)."""
 
 
+#: the task of segmentation volumes (label volumes, 3D backbones, sliding-window inference)
+SEGMENTATION_3D = "segmentation-3d"
+
+
 def task_of(data: ClinicalDataset) -> str:
-    """The task a dataset declares: ``segmentation`` or ``classification``."""
-    return SEGMENTATION if data.task == SEGMENTATION else "classification"
+    """The task a dataset declares: ``segmentation`` (``segmentation-3d`` for volumes) or
+    ``classification``."""
+    if data.task != SEGMENTATION:
+        return "classification"
+    return SEGMENTATION_3D if data.spatial_dims == 3 else SEGMENTATION
 
 
 def task_for(data: ClinicalDataset) -> Task:
@@ -112,7 +121,11 @@ def method_task(method: str) -> str:
 
     if method not in METHODS:
         return "classification"
-    return SEGMENTATION if SEGMENTATION in METHODS.entry(method).tags else "classification"
+    tags = METHODS.entry(method).tags
+    for task in (SEGMENTATION_3D, SEGMENTATION):
+        if task in tags:
+            return task
+    return "classification"
 
 
 def task_defaults(method: str, source: str | None = None) -> tuple[str, str]:

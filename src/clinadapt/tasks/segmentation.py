@@ -160,6 +160,13 @@ class SegmentationTask(Task):
     )
     default_model = "tiny-sam"
     default_data = "clinical-shift-seg"
+    default_source = "seg-finetune"
+
+    def case_arrays(
+        self, test: Any, pred: SegPredictions, cases: dict[str, int], prefix: str
+    ) -> dict[str, np.ndarray]:
+        """The arrays of the overlay pictures of the chosen cases (2D: the images themselves)."""
+        return case_arrays(test, pred, cases, prefix)
 
     def _segmenter(self, cfg: RunConfig, method: SegMethod, target: str | None, split):
         from clinadapt.segmentation import load_segmenter
@@ -400,7 +407,7 @@ class SegmentationTask(Task):
                 rank: {"position": i, "dice": float(table.image_dice()[i])}
                 for rank, i in cases.items()
             }
-            arrays.update(case_arrays(test, pred, cases, f"cases/{name}"))
+            arrays.update(self.case_arrays(test, pred, cases, f"cases/{name}"))
             for field in ("dice", "iou", "nsd", "hd95", "ref_area", "pred_area", "spacing"):
                 arrays[f"table/{name}/{field}"] = getattr(table, field)
             pid = test.metadata.get("patient_id")
