@@ -318,6 +318,11 @@ def test_manifest_errors_name_row_value_and_columns(tmp_path):
     assert (
         load_manifest(write_csv(tmp_path / "lab.csv", rows), class_names=["a", "b"]).labels[2] == 1
     )
+    rows[2]["label"] = "A"  # one class written two ways would be a phantom third class
+    with pytest.raises(
+        DataError, match=r"lab\.csv: labels 'A' and 'a' in 'label' differ only in case"
+    ):
+        load_manifest(write_csv(tmp_path / "lab.csv", rows))
     rows[2]["label"] = ""
     with pytest.raises(DataError, match=r"row 3 \(line 4\) has no label"):
         load_manifest(write_csv(tmp_path / "lab.csv", rows))

@@ -289,6 +289,17 @@ def load_image_folder(
     )
 
 
+def same_but_for_case(names: list[str]) -> tuple[str, str] | None:
+    """The first two class names that differ only in case ('Pneumonia', 'pneumonia'): almost
+    always one class written two ways, which would split it silently into two classes."""
+    seen: dict[str, str] = {}
+    for n in names:
+        other = seen.setdefault(n.casefold(), n)
+        if other != n:
+            return other, n
+    return None
+
+
 def load_manifest(
     csv_path: str | Path,
     path_col: str = "path",
@@ -367,6 +378,12 @@ def load_manifest(
                 )
             else:
                 names = words
+                same = same_but_for_case(names)
+                if same:
+                    raise DataError(
+                        f"{where}: labels {same[0]!r} and {same[1]!r} in {label_col!r} differ only "
+                        "in case, so they would be two classes; write each class one way"
+                    )
         lookup = {n: j for j, n in enumerate(names)}
 
         def index(i: int, text: str) -> int:
