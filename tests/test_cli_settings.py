@@ -72,6 +72,16 @@ def test_unknown_option_suggests_the_closest_one(tmp_path):
         load_config(None, ["batch_size=0"])
     with pytest.raises(ConfigError, match="did you mean 'lr'"):
         clinadapt.methods.METHODS.get("tent")().parse_options({"lrr": 0.1})
+    # numpy takes no negative seed: refused before any work (it failed inside training)
+    with pytest.raises(ConfigError, match=r"option 'seed': .*greater than or equal to 0"):
+        load_config(None, ["seed=-1"])
+    from clinadapt.fewshot_sweep import run_configs
+    from clinadapt.ssl import make_config
+
+    with pytest.raises(ConfigError, match=r"seed -1\).*option 'seed'"):
+        run_configs(load_config(None), ["knn"], [1], [0, -1])
+    with pytest.raises(ConfigError, match="option 'seed'"):
+        make_config(seed=-2)
 
 
 def test_apply_settings_is_dotted_yaml():

@@ -147,7 +147,9 @@ class RunConfig(BaseModel):
         "per class|component, jitter, k, negatives, point_mode, classes); default a MedSAM "
         "box; none for classification",
     )
-    seed: int = Field(0, description="seed of model init, data order and sampling")
+    seed: int = Field(
+        0, ge=0, description="seed of model init, data order and sampling (numpy takes no negative)"
+    )
     batch_size: int = Field(
         32,
         ge=1,

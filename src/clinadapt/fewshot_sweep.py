@@ -17,7 +17,7 @@ import numpy as np
 
 from clinadapt.compute import autocast, check_precision, resolve_device
 from clinadapt.compute import describe as describe_compute
-from clinadapt.config import RunConfig
+from clinadapt.config import RunConfig, run_config
 from clinadapt.data import load_dataset
 from clinadapt.data.base import ClinicalDataset
 from clinadapt.errors import ConfigError, brief
@@ -98,7 +98,7 @@ def run_configs(
             method.parse_options(opts)  # fail before any work on a bad option
             for s in seeds:
                 data = {**base.model_dump(), "method": name, "method_options": opts, "seed": s}
-                out.append(RunConfig(**data))
+                out.append(run_config(data, f"few-shot run ({name}, {k} shots, seed {s})"))
     return out
 
 

@@ -70,7 +70,7 @@ class PretrainConfig(BaseModel):
     checkpoint_every: int = Field(
         50, ge=1, description="write the resumable checkpoint every N steps"
     )
-    seed: int = Field(0, description="seed of initialisation, data order and augmentation")
+    seed: int = Field(0, ge=0, description="seed of initialisation, data order and augmentation")
     device: DeviceField = "auto"
     precision: PrecisionField = "fp32"
     evaluate: bool = Field(
