@@ -192,6 +192,24 @@ def test_source_method_resolution():
     assert source_method_for(tent, "linear-probe") == "linear-probe"
     with pytest.raises(ConfigError, match="tttpp-source"):
         source_method_for(tttpp, "linear-probe")
+    # TPT tunes a text prompt: a zero-shot source by default, CoOp's too, nothing else
+    tpt = METHODS.get("tpt")()
+    assert source_method_for(tpt, "finetune") == "zeroshot"
+    assert source_method_for(tpt, "coop") == "coop"
+    with pytest.raises(ConfigError, match=r"'zeroshot' or 'coop'.*not 'linear-probe'"):
+        source_method_for(tpt, "linear-probe")
+
+
+def test_tpt_on_a_source_it_cannot_adapt_fails_before_any_training(tmp_path):
+    from clinadapt.preflight import check_run
+
+    with pytest.raises(ConfigError, match="tpt needs its source trained by 'zeroshot' or 'coop'"):
+        check_run(RunConfig(method="tpt", model="tiny-clip", source={"method": "linear-probe"}))
+    # the default source of tpt is zero-shot: on a model without a text tower that fails at once
+    cfg = RunConfig(method="tpt", data_options=SMALL, out_dir=str(tmp_path))
+    with pytest.raises(IncompatibleError, match="zeroshot needs a CLIP-like model"):
+        run_experiment(cfg)
+    assert not list(tmp_path.rglob("fit-*")), "a source was trained before the error"
 
 
 # --- runner and CLI ---------------------------------------------------------------------------

@@ -156,6 +156,8 @@ class TTAMethod(Method):
     #: the fit method that must train the source (None: any, ``source.method`` decides); TTT++
     #: needs what its own source training learns
     source_method: ClassVar[str | None] = None
+    #: the fit methods whose source it can adapt, the first the default (None: any)
+    source_methods: ClassVar[tuple[str, ...] | None] = None
 
     def prepare(
         self,

@@ -297,15 +297,18 @@ def source_method_for(method: TTAMethod, requested: str, default: str = "finetun
     """The fit method that trains the source for ``method``.
 
     A test-time method that needs something learnt at source time (TTT++'s auxiliary branch and
-    feature statistics) names its own fit method in ``source_method``; the default
-    ``source.method`` (finetune) is then read as that method, and any other choice is an error.
+    feature statistics) names its own fit method in ``source_method``; one that adapts only
+    some kinds of source (TPT: a text prompt, so a zero-shot or CoOp source) lists them in
+    ``source_methods``. The default ``source.method`` (finetune) is then read as the first of
+    them, and any other choice is an error, before any training.
     """
-    required = method.source_method
-    if required is None or requested == required:
+    allowed = (method.source_method,) if method.source_method else method.source_methods
+    if allowed is None or requested in allowed:
         return requested
     if requested == default:
-        return required
+        return allowed[0]
+    why = " (finetune plus what it uses at test time)" if method.source_method else ""
     raise ConfigError(
-        f"{method.name} needs its source trained by {required!r} (finetune plus what it uses at "
-        f"test time), not {requested!r}: set source.method={required}"
+        f"{method.name} needs its source trained by {' or '.join(map(repr, allowed))}{why}, not "
+        f"{requested!r}: set source.method={allowed[0]}"
     )

@@ -107,6 +107,8 @@ class TPT(TTAMethod):
 
     name = "tpt"
     changes = "text prompt context (per image, reset)"
+    # the paper tunes the prompt of CLIP zero-shot (and of CoOp): a source with a text prompt
+    source_methods = ("zeroshot", "coop")
     default_target = "none"
     Options = TPTOptions
 
