@@ -178,3 +178,27 @@ def test_evaluation_settings_reach_the_record(tmp_path):
 
     with pytest.raises(ConfigError, match="n_boot"):
         load_config(None, **{"evaluation.n_boot": -1})
+
+
+def test_other_weights_at_the_same_path_are_not_a_reused_fit(tmp_path):
+    """A pre-training resumed for more steps rewrites backbone.safetensors in place: a run
+    with --weights at that path must train on the new weights, not reuse the old fit."""
+    from clinadapt.ssl.checkpoint import save_backbone
+
+    backbone = load_model("tiny-resnet")
+    path = save_backbone(backbone, "tiny-resnet", tmp_path / "pretrain")
+    cfg = RunConfig(
+        method="linear-probe",
+        weights=str(path),
+        data_options={"patients_per_site": 8},
+        out_dir=str(tmp_path / "runs"),
+    )
+    first = run_experiment(cfg, write=False)
+    assert run_experiment(cfg, write=False)["training"].get("reused")  # the same file: reused
+    with torch.no_grad():
+        for p in backbone.parameters():
+            p.add_(0.05)
+    save_backbone(backbone, "tiny-resnet", tmp_path / "pretrain")  # same path, same size
+    again = run_experiment(cfg, write=False)
+    assert "reused" not in again["training"]
+    assert again["training"]["checkpoint"] != first["training"]["checkpoint"]

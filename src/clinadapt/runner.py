@@ -126,9 +126,32 @@ def _fit_key(
     }
     if cfg.precision != "fp32":  # a model trained at another precision is another model
         ident["precision"] = cfg.precision
+    files = weights_fingerprint(cfg.weights)
+    if files is not None:  # other weights at the same path (a resumed pre-training) retrain
+        ident["weights_files"] = files
     if unlabelled:
         ident["unlabelled"] = {k: v.fingerprint() for k, v in sorted(unlabelled.items())}
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def weights_fingerprint(weights: str | None) -> str | None:
+    """A digest of the local weights file (or of every file of a weights folder) by path, size
+    and modification time in ns (a rewrite of the same size is seen however soon it comes);
+    None for hub weights, objects and paths that are not there."""
+    if not weights or weights.startswith("object:"):
+        return None
+    path = Path(weights).expanduser()
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(f for f in path.rglob("*") if f.is_file())
+    else:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
 
 
 def _adaptive_temperature(cfg: RunConfig, model: ImageClassifier, task: str) -> dict | None:
