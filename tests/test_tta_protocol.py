@@ -362,3 +362,21 @@ def test_tent_adapts_a_lora_target_on_a_vit(tmp_path):
     np.testing.assert_allclose(pa[:8], pb[:8], atol=1e-6)  # the first batch: LoRA B still zero
     assert not np.allclose(pa[8:], pb[8:])  # later batches: the low-rank update moved
     np.testing.assert_array_equal(a["labels/site-b"], b["labels/site-b"])
+
+
+def test_single_label_methods_refuse_multilabel_data_before_the_source_trains(tmp_path):
+    """Entropy, filters and caches over a softmax do not apply to multi-label sigmoids: said at
+    once, not after the source model has trained."""
+    from clinadapt.data.base import ArraySource, ClinicalDataset
+
+    rng = np.random.default_rng(0)
+    labels = (rng.random((60, 3)) < 0.4).astype(np.int64)
+    images = rng.integers(0, 255, (60, 16, 16)).astype(np.uint8)
+    ds = ClinicalDataset("toy-ml", ArraySource(images), labels, ["a", "b", "c"], "multilabel")
+    for name in ("tent", "sar", "tda"):
+        assert METHODS.get(name).single_label
+        cfg = RunConfig(method=name, shift="none", out_dir=str(tmp_path))
+        with pytest.raises(IncompatibleError, match=f"{name}: .*single-label.*toy-ml.*multi-label"):
+            run_experiment(cfg, dataset=ds)
+    assert not list(tmp_path.rglob("fit-*")), "a source was trained before the refusal"
+    assert not METHODS.get("bn").single_label  # normalisation statistics need no softmax

@@ -23,6 +23,7 @@ from clinadapt.data.base import ClinicalDataset
 from clinadapt.errors import ConfigError, IncompatibleError
 from clinadapt.fitted import classifier_metadata, load_fitted
 from clinadapt.methods import METHODS, Context, FitMethod, Method, TTAMethod, predict_proba
+from clinadapt.methods.base import check_single_label
 from clinadapt.methods.budget import LabelledBudget
 from clinadapt.methods.trace import unchanged_warnings
 from clinadapt.methods.tta.protocol import order_stream, run_tta, source_method_for
@@ -318,6 +319,7 @@ def classification_outcome(
             # nothing here trains: validation only places the binary operating point
             budget = LabelledBudget(split.train, split.val, None, "validation")
         else:
+            check_single_label(method, split.train)  # before the source trains, not after
             src_method = source_method_for(method, cfg.source.method)
             model, src_info, summary, budget = fit_source(
                 cfg, split, src_method, cfg.source.target, cfg.source.options, ctx

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict
 from clinadapt.classifier import ImageClassifier
 from clinadapt.compute import autocast, grad_scaler
 from clinadapt.data.base import ClinicalDataset
+from clinadapt.errors import IncompatibleError
 from clinadapt.methods.registry import METHODS  # noqa: F401  (re-exported: modules register through here)
 from clinadapt.methods.trace import StreamResult
 from clinadapt.progress import progress
@@ -158,6 +159,8 @@ class TTAMethod(Method):
     source_method: ClassVar[str | None] = None
     #: the fit methods whose source it can adapt, the first the default (None: any)
     source_methods: ClassVar[tuple[str, ...] | None] = None
+    #: it needs single-label classes (a softmax over them); checked before the source trains
+    single_label: ClassVar[bool] = False
 
     def prepare(
         self,
@@ -177,6 +180,15 @@ class TTAMethod(Method):
     ) -> StreamResult:
         """Adapt along ``stream`` in its own order; return its (N, K) probabilities and what
         the method did (a per-batch trace, events), never changing ``model`` itself."""
+
+
+def check_single_label(method: TTAMethod, data: ClinicalDataset) -> None:
+    """IncompatibleError when ``method`` needs single-label classes and ``data`` is multi-label."""
+    if method.single_label and data.task == "multilabel":
+        raise IncompatibleError(
+            f"{method.name}: test-time adaptation here needs single-label classes (softmax); "
+            f"{data.name} is multi-label"
+        )
 
 
 @torch.no_grad()

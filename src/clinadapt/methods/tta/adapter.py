@@ -21,7 +21,7 @@ from torch import nn
 from clinadapt.classifier import ImageClassifier
 from clinadapt.data.base import ClinicalDataset
 from clinadapt.errors import IncompatibleError
-from clinadapt.methods.base import Context, Options, TTAMethod
+from clinadapt.methods.base import Context, Options, TTAMethod, check_single_label
 from clinadapt.methods.trace import StreamResult
 from clinadapt.methods.tta.bn import SINGLE_SAMPLE_PRIOR, replace_batchnorm
 from clinadapt.methods.tta.guard import CollapseGuard, non_finite
@@ -167,6 +167,7 @@ class StreamMethod(TTAMethod):
     """A test-time method that adapts a private copy of the model along the stream."""
 
     Options: ClassVar[type[Options]] = StreamOptions
+    single_label = True  # entropy, filters and pseudo-labels over a softmax
 
     @abc.abstractmethod
     def build(
@@ -177,11 +178,7 @@ class StreamMethod(TTAMethod):
     def adapt(
         self, model: ImageClassifier, stream: ClinicalDataset, options: Any, ctx: Context
     ) -> StreamResult:
-        if stream.task == "multilabel":
-            raise IncompatibleError(
-                f"{self.name}: test-time adaptation here needs single-label classes "
-                f"(softmax); {stream.name} is multi-label"
-            )
+        check_single_label(self, stream)
         torch.manual_seed(ctx.seed)
         adapter = self.build(copy.deepcopy(model), stream.num_classes, options, ctx)
         guard = CollapseGuard(

@@ -28,8 +28,14 @@ from pydantic import Field, model_validator
 
 from clinadapt.classifier import ImageClassifier
 from clinadapt.data.base import ClinicalDataset
-from clinadapt.errors import IncompatibleError
-from clinadapt.methods.base import METHODS, Context, Options, StreamResult, TTAMethod
+from clinadapt.methods.base import (
+    METHODS,
+    Context,
+    Options,
+    StreamResult,
+    TTAMethod,
+    check_single_label,
+)
 from clinadapt.progress import progress
 
 
@@ -122,12 +128,12 @@ class TDA(TTAMethod):
     changes = "caches of test features"
     default_target = "none"
     Options = TDAOptions
+    single_label = True  # its caches key on the arg-max class
 
     def adapt(
         self, model: ImageClassifier, stream: ClinicalDataset, options: TDAOptions, ctx: Context
     ) -> StreamResult:
-        if stream.task == "multilabel":
-            raise IncompatibleError("tda needs single-label data (its caches key on the arg-max)")
+        check_single_label(self, stream)
         model.eval()
         logits, feats = [], []
         total = -(-len(stream) // ctx.batch_size)

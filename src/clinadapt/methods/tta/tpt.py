@@ -22,7 +22,14 @@ from pydantic import Field
 from clinadapt.classifier import ImageClassifier
 from clinadapt.data.base import ClinicalDataset
 from clinadapt.errors import IncompatibleError
-from clinadapt.methods.base import METHODS, Context, Options, StreamResult, TTAMethod
+from clinadapt.methods.base import (
+    METHODS,
+    Context,
+    Options,
+    StreamResult,
+    TTAMethod,
+    check_single_label,
+)
 from clinadapt.progress import progress
 from clinadapt.targets.text_prompt import PromptHead
 
@@ -109,14 +116,14 @@ class TPT(TTAMethod):
     changes = "text prompt context (per image, reset)"
     # the paper tunes the prompt of CLIP zero-shot (and of CoOp): a source with a text prompt
     source_methods = ("zeroshot", "coop")
+    single_label = True  # it minimises the softmax entropy of the averaged views
     default_target = "none"
     Options = TPTOptions
 
     def adapt(
         self, model: ImageClassifier, stream: ClinicalDataset, options: TPTOptions, ctx: Context
     ) -> StreamResult:
-        if stream.task == "multilabel":
-            raise IncompatibleError("tpt needs single-label data (it minimises softmax entropy)")
+        check_single_label(self, stream)
         model.eval()
         head = start_prompt(model, stream.class_names, options.init).to(ctx.device)
         initial = [p.detach().clone() for p in head.parameters() if p.requires_grad]
