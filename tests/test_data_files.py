@@ -11,11 +11,12 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from clinadapt.config import apply_settings
 from clinadapt.data import load_dataset
 from clinadapt.data.dicom import CT_WINDOWS, read_dicom
 from clinadapt.data.folder import load_image_folder, load_manifest, read_image_file
 from clinadapt.data.nifti import load_nifti_volume, read_nifti_slices
-from clinadapt.errors import DataError
+from clinadapt.errors import ConfigError, DataError
 from filewriters import write_csv, write_dicom
 
 RNG = np.random.default_rng(0)
@@ -285,6 +286,12 @@ def test_manifest_multilabel(tmp_path):
     ds = load_manifest(write_csv(tmp_path / "m.csv", rows), multilabel_sep="|")
     assert ds.task == "multilabel" and ds.class_names == ["mass", "nodule"]
     assert ds.labels.tolist() == [[1, 1], [0, 0], [0, 1]]
+    # `-o data_options.multilabel_sep=|` reaches the reader as "" (YAML's block indicator)
+    with pytest.raises(ConfigError, match=r"multilabel_sep='': .*multilabel_sep=\"\|\""):
+        load_manifest(tmp_path / "m.csv", multilabel_sep="")
+    assert apply_settings({}, ["data_options.multilabel_sep=|"]) == {
+        "data_options": {"multilabel_sep": ""}
+    }
 
 
 def test_manifest_errors_name_row_value_and_columns(tmp_path):

@@ -13,7 +13,7 @@ from clinadapt.data.base import ClinicalDataset, FileSource, Task, check_image, 
 from clinadapt.data.dicom import Window, read_dicom, scale_to_uint8
 from clinadapt.data.manifest import SPLIT_ALIASES, ManifestTable, as_index
 from clinadapt.data.nifti import read_nifti_slices
-from clinadapt.errors import DataError
+from clinadapt.errors import ConfigError, DataError
 
 PIL_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 DICOM_EXTENSIONS = (".dcm", ".dicom")
@@ -323,6 +323,11 @@ def load_manifest(
     every other column is kept under its own name. A ``slice`` column picks NIfTI slices or
     DICOM frames. Files must exist now; they are decoded (and checked) when read.
     """
+    if multilabel_sep is not None and not str(multilabel_sep).strip():
+        raise ConfigError(
+            f"multilabel_sep={multilabel_sep!r}: give the character between labels, e.g. ';' "
+            """(YAML reads a bare | as an empty text block: write -o 'data_options.multilabel_sep="|"')"""
+        )
     required = [c for c in (path_col, label_col) if c is not None]
     table = ManifestTable.read(csv_path, required, "choose others with path_col=/label_col=")
     csv_path, where, rows, at = table.path, str(table.path), table.rows, table.at
