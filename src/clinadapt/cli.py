@@ -496,7 +496,7 @@ def sweep(
         ray_gpus=ray_gpus,
     )
     summary: dict[str, Any] = {"out_dir": spec.out_dir, **result.to_dict()}
-    if with_report and (result.ran or result.skipped):
+    if with_report and (result.ran or result.skipped) and not _other_process():
         from clinadapt.evaluation.report import write_report
 
         summary["report"] = str(write_report(spec.out_dir))
@@ -754,6 +754,12 @@ def _print_error(kind: str, message: str, as_json: bool) -> None:
     sys.stderr.flush()
 
 
+def _other_process() -> bool:
+    """Whether torchrun started this process as one of several and not as rank 0 (which
+    alone prints and writes)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("RANK", "0") != "0"
+
+
 def main(argv: list[str] | None = None) -> None:
     """The ``clinadapt`` entry point: errors end as one plain message, never a traceback.
 
@@ -762,6 +768,8 @@ def main(argv: list[str] | None = None) -> None:
     """
     args = sys.argv[1:] if argv is None else list(argv)
     as_json = "--json" in args
+    if _other_process():
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (under torchrun process 0 speaks)
     try:
         if not as_json:  # typer shows usage errors and help itself
             app(args=args, prog_name="clinadapt")

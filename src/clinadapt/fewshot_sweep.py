@@ -20,6 +20,7 @@ from clinadapt.compute import describe as describe_compute
 from clinadapt.config import RunConfig, run_config
 from clinadapt.data import load_dataset
 from clinadapt.data.base import ClinicalDataset
+from clinadapt.distributed import one_process_only
 from clinadapt.errors import ConfigError, brief
 from clinadapt.features import FeatureCache, resolve_cache_dir, rows_in
 from clinadapt.methods import METHODS, Context
@@ -161,6 +162,7 @@ def run_fewshot_sweep(
     ``base`` gives model, data, shift, batch size, device and ``out_dir``; its ``seed`` builds
     the backbone (which matters only for randomly initialised models).
     """
+    one_process_only("clinadapt fewshot", "its heads train on features embedded once")
     t0 = time.perf_counter()
     requested = base.device
     device = resolve_device(requested)

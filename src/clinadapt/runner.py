@@ -20,6 +20,8 @@ from clinadapt.compute import describe as describe_compute
 from clinadapt.config import RunConfig
 from clinadapt.data import load_dataset
 from clinadapt.data.base import ClinicalDataset
+from clinadapt.distributed import init as join_processes
+from clinadapt.distributed import world as process_world
 from clinadapt.errors import ConfigError, IncompatibleError
 from clinadapt.fitted import classifier_metadata, load_fitted
 from clinadapt.methods import METHODS, Context, FitMethod, Method, TTAMethod, predict_proba
@@ -214,7 +216,8 @@ def fit_source(
     )
     summary = method.fit(model, budget.train, budget.val, opts, ctx)
     meta = classifier_metadata(model, method_name)
-    save_adapted(model, ckpt, base=cfg.model, target=info, metadata=meta)
+    if process_world().main:  # under torchrun only process 0 writes
+        save_adapted(model, ckpt, base=cfg.model, target=info, metadata=meta)
     summary["checkpoint"] = ckpt.name
     summary["weights"] = weights
     return model, info, summary, budget
@@ -424,8 +427,12 @@ def run_experiment(
     requested = cfg.device
     device = resolve_device(requested)
     check_precision(cfg.precision, device)
+    device = join_processes(device)  # under torchrun: this process's GPU, the process group
     cfg = cfg.model_copy(update={"device": device})
     method = METHODS.get(cfg.method)()
+    world = process_world()
+    if world.active:
+        check_data_parallel(cfg, method)
     ctx = Context(
         batch_size=cfg.batch_size,
         seed=cfg.seed,
@@ -458,11 +465,30 @@ def run_experiment(
         outcome=outcome,
         evaluations=evals,
         timings=timings,
-        compute=describe_compute(requested, device, cfg.precision),
+        compute=describe_compute(requested, device, cfg.precision)
+        | ({"distributed": world.describe()} if world.active else {}),
     ).to_dict()
-    if write:
+    if write and world.main:  # under torchrun only process 0 writes
         task.write(cfg.out_dir, record, outcome)
     return record
+
+
+def check_data_parallel(cfg: RunConfig, method: Method) -> None:
+    """ConfigError unless the run trains with a method that splits its batches between the
+    processes torchrun started (the others would each repeat the whole run)."""
+    if isinstance(method, FitMethod):
+        trainer = cfg.method
+    elif cfg.source.from_ is None:
+        trainer = source_method_for(method, cfg.source.method)
+    else:
+        trainer = None
+    fit = METHODS.get(trainer)() if trainer else None
+    if not isinstance(fit, FitMethod) or not fit.data_parallel or fit.task != "classification":
+        able = sorted(n for n, m in METHODS.load_all().items() if getattr(m, "data_parallel", 0))
+        raise ConfigError(
+            f"several processes (torchrun) train with {', '.join(able)}; run {cfg.method!r} "
+            f"(trained by {trainer or 'nothing'}) as one process"
+        )
 
 
 __all__ = ["build_classifier", "fit_source", "run_experiment", "summarise", "versions"]

@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 
-from clinadapt.data.loading import auto_workers, iter_batches
+from clinadapt.data.loading import auto_workers, batch_chunks, iter_batches
 from clinadapt.errors import DataError
 
 Task = Literal["multiclass", "binary", "multilabel", "segmentation"]
@@ -400,12 +400,9 @@ class ClinicalDataset:
             raise DataError(f"{self.name}: no images to iterate over")
         if workers is not None and workers < 0:
             raise DataError(f"{self.name}: workers must be >= 0, got {workers}")
-        order = np.arange(len(self))
-        if shuffle:
-            order = np.random.default_rng(seed).permutation(len(self))
-        chunks = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
-        if drop_last and len(chunks[-1]) < batch_size:
-            chunks.pop()
+        chunks = batch_chunks(
+            len(self), batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last
+        )
         if not chunks:
             return
         n = auto_workers(self) if workers is None else workers

@@ -41,6 +41,18 @@ def auto_workers(ds: ClinicalDataset) -> int:
     return min(MAX_AUTO_WORKERS, available_cpus())
 
 
+def batch_chunks(
+    n: int, batch_size: int, *, shuffle: bool = False, seed: int = 0, drop_last: bool = False
+) -> list[np.ndarray]:
+    """The positions of each batch of an epoch over ``n`` images: in order, or a permutation
+    seeded by ``seed``, cut into ``batch_size`` slices (the last one short unless dropped)."""
+    order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
+    chunks = [order[s : s + batch_size] for s in range(0, n, batch_size)]
+    if drop_last and chunks and len(chunks[-1]) < batch_size:
+        chunks.pop()
+    return chunks
+
+
 def load_batch(
     ds: ClinicalDataset, preprocess: Callable[[list[np.ndarray]], torch.Tensor], pos: np.ndarray
 ) -> Batch:

@@ -116,6 +116,9 @@ class FitMethod(Method):
     uses_unlabelled: ClassVar[bool] = False
     #: Whether ``fit`` can choose on cross-validation within the support set (selection support-cv)
     cross_validates: ClassVar[bool] = False
+    #: Whether ``fit`` splits each global batch between the processes ``torchrun`` starts
+    #: (clinadapt.distributed) and trains what one process would; others refuse to run there
+    data_parallel: ClassVar[bool] = False
 
     def labelled_budget(
         self,

@@ -19,6 +19,7 @@ from pydantic import Field
 
 from clinadapt.classifier import ImageClassifier
 from clinadapt.data.base import ClinicalDataset
+from clinadapt.distributed import broadcast_module, sharded_step
 from clinadapt.errors import ClinadaptError, IncompatibleError
 from clinadapt.features import FeatureCache, resolve_cache_dir
 from clinadapt.methods.base import METHODS, Context, FitMethod
@@ -83,6 +84,7 @@ class CoOp(FitMethod):
     """Train the context vectors of the prompt head on (few-shot) labelled images."""
 
     name = "coop"
+    data_parallel = True
     default_target = "text-prompt"
     Options = CoOpOptions
 
@@ -127,6 +129,8 @@ def train_prompt(
     """Minimise cross-entropy of ``head`` on fixed features; one row of history per epoch."""
     n = len(feats)
     steps = -(-n // ctx.batch_size)
+    params = [p for p in head.parameters() if p.requires_grad]
+    broadcast_module(head)  # under torchrun: every process starts from rank 0's context
     history = []
     gen = np.random.default_rng(ctx.seed)
     pbar = bar(epochs * steps, desc)
@@ -138,15 +142,18 @@ def train_prompt(
             losses = []
             for s in range(steps):
                 idx = order[s * ctx.batch_size : (s + 1) * ctx.batch_size]
-                loss = supervised_loss(head(feats[idx]), labels[idx], task, None, 0.0)
-                if not torch.isfinite(loss):
+                opt.zero_grad(set_to_none=True)
+                value = sharded_step(
+                    lambda i: supervised_loss(head(feats[i]), labels[i], task, None, 0.0),
+                    idx,
+                    params,
+                )
+                if not math.isfinite(value):
                     raise ClinadaptError(
                         f"{desc}: non-finite loss at epoch {epoch}; lower the learning rate"
                     )
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
                 opt.step()
-                losses.append(loss.item())
+                losses.append(value)
                 pbar.update(1)
             history.append({"epoch": epoch, "loss": float(np.mean(losses))})
             pbar.set_postfix(epoch=epoch, loss=f"{history[-1]['loss']:.3f}")

@@ -14,6 +14,14 @@ from safetensors.torch import load_file
 
 from clinadapt.classifier import ImageClassifier
 from clinadapt.data.base import ClinicalDataset
+from clinadapt.distributed import (
+    broadcast_module,
+    broadcast_tensors,
+    split_batches,
+    sum_gradients,
+    sum_over,
+    world,
+)
 from clinadapt.errors import ClinadaptError, ConfigError, IncompatibleError
 from clinadapt.evaluation.metrics import compute_metrics, metric_names
 from clinadapt.evaluation.subgroups import lower_is_better
@@ -87,6 +95,18 @@ def load_checkpoint(model: torch.nn.Module, path: str | Path) -> list[str]:
     return sorted(state)
 
 
+def batch_share(
+    labels: np.ndarray, task: str, part: np.ndarray, batch: np.ndarray, weight: torch.Tensor | None
+) -> float:
+    """The share of a global batch's mean loss that a process's ``part`` of it carries: its
+    images' share, or its share of the class weights for a class-weighted loss (whose mean
+    divides by the batch's summed weights). ``labels`` are the dataset's, by position."""
+    if weight is None or task == "multilabel":
+        return len(part) / len(batch)
+    w = weight.cpu().numpy()
+    return float(w[labels[part]].sum() / w[labels[batch]].sum())
+
+
 def supervised_loss(
     logits: torch.Tensor, y: torch.Tensor, task: str, weight: torch.Tensor | None, smoothing: float
 ) -> torch.Tensor:
@@ -100,6 +120,7 @@ class Finetune(FitMethod):
     """Train the parameters the target opened; keep the epoch best on the validation metric."""
 
     name = "finetune"
+    data_parallel = True
     default_target = "full"
     Options = FinetuneOptions
 
@@ -149,34 +170,57 @@ class Finetune(FitMethod):
         history: list[dict[str, float]] = []
         best, best_state, best_epoch, stale = -math.inf, None, -1, 0
         scaler = ctx.grad_scaler()
+        w = world()  # under torchrun: each process takes its part of every global batch
+        broadcast_module(model)  # every process starts from rank 0's weights
         pbar = bar(total, self.name)
         try:
             for epoch in range(options.epochs):
                 model.train()
                 losses = []
-                for x, y, _ in ctx.batches(
-                    train, model.preprocess, shuffle=True, seed=ctx.seed * 1000 + epoch
+                for part, batch in split_batches(
+                    train,
+                    model.preprocess,
+                    ctx.batch_size,
+                    shuffle=True,
+                    seed=ctx.seed * 1000 + epoch,
+                    workers=ctx.loader_workers,
+                    pin_memory=str(ctx.device).startswith("cuda"),
                 ):
-                    with ctx.autocast():
-                        loss = self.batch_loss(
-                            model, x.to(ctx.device), y.to(ctx.device), train.task, weight, options
-                        )
-                    if not torch.isfinite(loss):
+                    opt.zero_grad(set_to_none=True)
+                    value = 0.0
+                    if part is not None:
+                        x, y, pos = part
+                        with ctx.autocast():
+                            loss = self.batch_loss(
+                                model,
+                                x.to(ctx.device),
+                                y.to(ctx.device),
+                                train.task,
+                                weight,
+                                options,
+                            )
+                        if w.active:  # the summed gradients are those of the global batch
+                            loss = loss * batch_share(train.labels, train.task, pos, batch, weight)
+                        value = loss.item()
+                        if math.isfinite(value):
+                            scaler.scale(loss).backward()  # fp16: small gradients survive
+                    sum_gradients(params)
+                    value = sum_over(value)  # the global batch's loss, in every process
+                    if not math.isfinite(value):
                         raise ClinadaptError(
                             f"{self.name}: non-finite loss at epoch {epoch}; lower the learning "
                             f"rate (lr={options.lr}) or check the inputs"
                         )
-                    opt.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()  # fp16: scaled so small gradients survive
                     if options.grad_clip:
                         scaler.unscale_(opt)
                         torch.nn.utils.clip_grad_norm_(params, options.grad_clip)
                     scaler.step(opt)  # skips the step when fp16 gradients overflowed
                     scaler.update()
                     sched.step()
-                    losses.append(loss.item())
+                    losses.append(value)
                     pbar.update(1)
-                    pbar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
+                    pbar.set_postfix(epoch=epoch, loss=f"{value:.3f}")
+                broadcast_tensors(model.buffers())  # rank 0's BatchNorm statistics everywhere
                 row = {"epoch": epoch, "loss": float(np.mean(losses))}
                 if val is not None:
                     m = compute_metrics(
@@ -208,7 +252,7 @@ class Finetune(FitMethod):
             out["selection"] = f"{monitor} undefined on validation: the last epoch"
         if scaler.is_enabled():
             out["loss_scale"] = float(scaler.get_scale())
-        if options.checkpoint:  # the model now holds the best epoch's state
+        if options.checkpoint and w.main:  # the model now holds the best epoch's state
             path = save_adapted(
                 model,
                 ctx.output_path(options.checkpoint),

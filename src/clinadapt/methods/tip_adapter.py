@@ -22,6 +22,7 @@ from pydantic import Field
 
 from clinadapt.classifier import ImageClassifier
 from clinadapt.data.base import ClinicalDataset
+from clinadapt.distributed import sharded_step
 from clinadapt.methods.base import METHODS, Context
 from clinadapt.methods.budget import CrossValidatedOptions, n_cv_folds, stratified_folds
 from clinadapt.methods.frozen import (
@@ -311,6 +312,7 @@ class TipAdapterF(TipAdapter):
     """Tip-Adapter with the cache keys trained by cross-entropy on the support set."""
 
     name = "tip-adapter-f"
+    data_parallel = True
     changes = None  # the cache keys are fine-tuned: the head's parameters
     Options = TipAdapterFOptions
 
@@ -346,17 +348,21 @@ class TipAdapterF(TipAdapter):
             for epoch in range(options.epochs):
                 order = torch.randperm(len(f), generator=g)
                 for start in range(0, len(f), options.batch_size):
-                    i = order[start : start + options.batch_size]
-                    logits = tip_logits(
-                        f[i], trained, values, text, scale, options.alpha, options.beta
-                    )
-                    loss = F.cross_entropy(logits, y[i])
                     opt.zero_grad(set_to_none=True)
-                    loss.backward()
+                    loss = sharded_step(  # under torchrun: this process's part of the batch
+                        lambda i: F.cross_entropy(
+                            tip_logits(
+                                f[i], trained, values, text, scale, options.alpha, options.beta
+                            ),
+                            y[i],
+                        ),
+                        order[start : start + options.batch_size],
+                        [trained],
+                    )
                     opt.step()
                     sched.step()
                     pbar.update(1)
-                row = {"epoch": epoch, "loss": float(loss.detach())}
+                row = {"epoch": epoch, "loss": loss}
                 with torch.no_grad():
                     if fv is not None:
                         pred = tip_logits(

@@ -20,6 +20,7 @@ from clinadapt.compute import autocast, check_precision, grad_scaler, resolve_de
 from clinadapt.compute import describe as describe_compute
 from clinadapt.data import load_dataset
 from clinadapt.data.base import ClinicalDataset
+from clinadapt.distributed import one_process_only
 from clinadapt.errors import ConfigError, DataError
 from clinadapt.models import load_model
 from clinadapt.models.base import Preprocessing
@@ -231,6 +232,10 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     """Pre-train, checkpoint, export the backbone, evaluate it, and return the summary."""
+    one_process_only(
+        "clinadapt pretrain",
+        "SimCLR's negatives, DINO's centre and the views drawn per batch span the whole batch",
+    )
     requested = cfg.device
     device = resolve_device(requested)
     check_precision(cfg.precision, device)

@@ -97,6 +97,7 @@ class TTTPPSource(Finetune):
     """Train classifier and rotation branch jointly; record the source feature statistics."""
 
     name = "tttpp-source"
+    data_parallel = False  # the rotations are drawn per process: not one process's run
     default_target = "full"
     Options = TTTPPSourceOptions
 

@@ -1,0 +1,99 @@
+"""Multi-GPU check: training under torchrun with NCCL trains what one GPU trains.
+
+Runs a 3-run sweep (finetune on ViT-Tiny, coop and tip-adapter-f on a tiny CLIP) once with
+``torchrun --nproc-per-node N`` (one GPU per process, NCCL) and once as one process on one GPU,
+then prints, per run, the largest differences of the per-epoch losses, the trained weights and
+the test probabilities, and the wall time of each. Needs a node with 2 or more GPUs:
+
+    python benchmarks/gpu_check_distributed.py [--gpus N]   # --cpu: a 2-process CPU rehearsal
+
+The CPU version of this check (gloo, 2 processes) is tests/test_distributed.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from safetensors.numpy import load_file
+
+SWEEP = {
+    "base": {
+        "data_options": {"patients_per_site": 30},
+        "shift": "none",
+        "batch_size": 16,
+        "device": "cuda",
+        "evaluation": {"n_boot": 20},
+    },
+    "grid": {
+        "methods": [
+            {"model": "tiny-vit", "method": "finetune", "method_options": {"epochs": 3}},
+            {"model": "tiny-clip", "method": "coop", "method_options": {"epochs": 5}},
+            {"model": "tiny-clip", "method": "tip-adapter-f", "method_options": {"epochs": 5}},
+        ]
+    },
+}
+
+
+def largest_differences(a: Path, b: Path, name: str) -> dict[str, object]:
+    """Max |a - b| of the losses, weights and probabilities of the record ``name``."""
+    ra, rb = json.loads((a / name).read_text()), json.loads((b / name).read_text())
+    la = np.array([row["loss"] for row in ra["training"]["history"]])
+    lb = np.array([row["loss"] for row in rb["training"]["history"]])
+    wa, wb = load_file(a / ra["training"]["weights"]), load_file(b / rb["training"]["weights"])
+    pa = np.load(a / "predictions" / name.replace(".json", ".npz"))
+    pb = np.load(b / "predictions" / name.replace(".json", ".npz"))
+    return {
+        "method": ra["method"]["name"],
+        "processes": ra["compute"].get("distributed", {}).get("processes", 1),
+        "loss": float(np.abs(la - lb).max()),
+        "weights": max(float(np.abs(wa[k] - wb[k].astype(np.float64)).max()) for k in wa),
+        "probs": max(
+            float(np.abs(pa[k] - pb[k]).max()) for k in pa.files if k.startswith("probs/")
+        ),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gpus", type=int, default=torch.cuda.device_count())
+    parser.add_argument("--cpu", action="store_true", help="rehearse with 2 CPU processes")
+    args = parser.parse_args()
+    if args.cpu:
+        args.gpus, SWEEP["base"]["device"] = 2, "cpu"
+    elif args.gpus < 2:
+        sys.exit(f"needs 2 or more GPUs (found {args.gpus}); --cpu rehearses on the CPU")
+    work = Path(tempfile.mkdtemp(prefix="clinadapt-ddp-"))
+    (work / "sweep.yaml").write_text(yaml.safe_dump({**SWEEP, "out_dir": "ddp"}))
+    cli = ["-m", "clinadapt.cli", "sweep", "sweep.yaml", "--no-report", "--quiet"]
+    env = {**os.environ, "CLINADAPT_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.gpus)]
+    times = {}
+    for label, cmd in (
+        ("ddp", [*launch, *cli]),
+        ("one", [sys.executable, *cli, "--out", "one"]),
+    ):
+        t = time.perf_counter()
+        subprocess.run(cmd, cwd=work, env=env, check=True)
+        times[label] = time.perf_counter() - t
+    where = "CPU" if args.cpu else torch.cuda.get_device_name(0)
+    print(
+        f"{where} x{args.gpus}; wall: {args.gpus} processes {times['ddp']:.1f} s, one process "
+        f"{times['one']:.1f} s (tiny models: start-up bound)"
+    )
+    for rec in sorted((work / "ddp").glob("*.json")):
+        print(json.dumps(largest_differences(work / "ddp", work / "one", rec.name)))
+    print(f"files in {work}")
+
+
+if __name__ == "__main__":
+    main()
