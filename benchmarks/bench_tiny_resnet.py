@@ -1,6 +1,8 @@
 """tiny-resnet's stem, side by side: the registered model against the configuration it had
-before (timm's default 7x7 stem is 64 channels wide whatever ``stem_width`` says) and against a
-16-channel 7x7 stem built by hand (what the description promised).
+before (timm's default 7x7 stem is 64 channels wide whatever ``stem_width`` says), against a
+16-channel 7x7 stem built by hand (what the description promised), and against itself with
+torch's NCHW max pool instead of the channels-last one clinadapt swaps in on the CPU
+(``clinadapt.models.pooling``; the same values).
 
 Prints the forward and training-step time of a batch of 32 images of 64x64 for each, interleaved
 round by round (the best round counts), and their ratios.
@@ -18,13 +20,16 @@ import torch
 from torch import nn
 
 from clinadapt.models import load_model
+from clinadapt.models.pooling import channels_last_pooling
 
 BODY = {"layers": (1, 1, 1, 1), "channels": (16, 32, 64, 128), "num_classes": 0}
 
 
 def before() -> nn.Module:
     """The old registration: ``stem_width=16`` without a deep stem (a 3->64 7x7 stem)."""
-    return timm.create_model("resnet18", pretrained=False, stem_width=16, **BODY)
+    m = timm.create_model("resnet18", pretrained=False, stem_width=16, **BODY)
+    channels_last_pooling(m)  # as load_model does: the stems are compared, not the pools
+    return m
 
 
 def hand_built() -> nn.Module:
@@ -37,6 +42,14 @@ def hand_built() -> nn.Module:
     return m
 
 
+def nchw_pool() -> nn.Module:
+    """The registered model with torch's own ``nn.MaxPool2d`` back in place."""
+    m = load_model("tiny-resnet").image_encoder
+    p = m.maxpool
+    m.maxpool = nn.MaxPool2d(p.kernel_size, p.stride, p.padding, ceil_mode=p.ceil_mode)
+    return m
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=20)
@@ -46,6 +59,7 @@ def main() -> None:
         "tiny-resnet (deep stem 8-8-16)": load_model("tiny-resnet").image_encoder,
         "before (7x7 stem, 64 channels)": before(),
         "hand-built 7x7 stem, 16 channels": hand_built(),
+        "tiny-resnet, NCHW max pool": nchw_pool(),
     }
     x = torch.randn(32, 3, 64, 64, device=args.device)
     best = {k: [float("inf"), float("inf")] for k in models}

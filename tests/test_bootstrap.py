@@ -180,6 +180,16 @@ def test_resample_weights_draw_whole_patients_in_memory_sized_blocks(monkeypatch
     np.testing.assert_array_equal(np.concatenate(blocks), w)
 
 
+@pytest.mark.parametrize("n_units", [1, 2, 3, 7, 64, 82, 255, 256, 257, 965, 4097])
+def test_draw_counts_are_the_plain_loops_draws(n_units):
+    loop_rng, rng = np.random.default_rng(n_units), np.random.default_rng(n_units)
+    expected = np.zeros((9, n_units), dtype=np.int64)
+    for b in range(9):  # the loop: one draw of n_units units per resample
+        np.add.at(expected[b], loop_rng.integers(0, n_units, n_units), 1)
+    np.testing.assert_array_equal(draw_counts(n_units, 9, rng), expected)
+    assert rng.integers(0, 2**40) == loop_rng.integers(0, 2**40)  # the same state after
+
+
 def test_percentile_ci_leaves_out_undefined_replicates():
     out = percentile_ci({"a": np.array([1.0, np.nan, 3.0, 2.0]), "b": np.array([np.nan])}, 0.5)
     assert out["a"] == {"low": 1.5, "high": 2.5, "n_boot": 3}

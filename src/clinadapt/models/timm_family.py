@@ -12,6 +12,7 @@ from clinadapt.errors import IncompatibleError, RegistryError
 from clinadapt.models._common import adjust_preprocess, capture_logs, seeded
 from clinadapt.models._weights import WeightsRequest, resolve_weights
 from clinadapt.models.base import FoundationModel, Preprocessing
+from clinadapt.models.pooling import channels_last_pooling
 from clinadapt.models.spec import ModelSpec
 
 DEFAULT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -115,6 +116,7 @@ def build(
     else:
         with seeded(spec.seed):
             model = timm.create_model(spec.arch, pretrained=False, **kwargs)
+    channels_last_pooling(model)  # same values, faster on the CPU
     feature_dim = getattr(model, "head_hidden_size", None) or model.num_features
     fm = TimmModel(
         spec.name, "timm", model, int(feature_dim), _preprocess(model, spec, kwargs), source=source
