@@ -12,20 +12,13 @@ Libraries (and torch) are imported only when a model of their family is loaded.
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from clinadapt._lazy import lazy_exports
-from clinadapt.errors import (
-    ClinadaptError,
-    ConfigError,
-    IncompatibleError,
-    RegistryError,
-    WeightsUnavailableError,
-)
-from clinadapt.models._weights import is_online, load_failure, model_dir_root
+from clinadapt.errors import ConfigError, RegistryError, WeightsUnavailableError
+from clinadapt.models._weights import is_online, loading_weights, model_dir_root
 from clinadapt.models.preprocessing import Preprocessing
 from clinadapt.models.registry import MODELS, register
 from clinadapt.models.spec import ModelSpec
@@ -117,18 +110,10 @@ def load_model(
         )
     if weights is not None:
         weights = os.fspath(weights)
-    try:
-        with warnings.catch_warnings():  # torch notes pickle protocols of files it then refuses
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            model = _builder(spec.family)(
-                spec, weights=weights, pretrained=pretrained, overrides=kwargs
-            )
-    except ClinadaptError:
-        raise
-    except Exception as e:  # a file that is not (these) weights: one line naming it
-        if weights is None:
-            raise
-        raise IncompatibleError(load_failure(weights, f"weights of {name!r}", e)) from e
+    with loading_weights(weights, f"weights of {name!r}"):
+        model = _builder(spec.family)(
+            spec, weights=weights, pretrained=pretrained, overrides=kwargs
+        )
     if IMAGE_SIZE in options:  # also for architectures without an input size of their own
         model.preprocess = adjust_preprocess(
             model.preprocess, image_size=check_image_size(options[IMAGE_SIZE])

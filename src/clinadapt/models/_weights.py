@@ -14,14 +14,14 @@ import socket
 import threading
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from clinadapt.env import env_flag
-from clinadapt.errors import WeightsUnavailableError
+from clinadapt.errors import ClinadaptError, IncompatibleError, WeightsUnavailableError
 
 OFFLINE_ENV = ("CLINADAPT_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".npz")
@@ -349,6 +349,24 @@ def torch_load_tensors(path: str | os.PathLike[str]) -> Any:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Detected pickle protocol")
         return torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+
+
+@contextlib.contextmanager
+def loading_weights(weights: str | os.PathLike[str] | None, what: str) -> Iterator[None]:
+    """Around building a model from ``weights``: torch's note on the pickle protocol of a file
+    it then refuses is not shown, and when ``weights`` were given, any failure that is not
+    already a clinadapt error becomes one IncompatibleError line naming the file (a foreign,
+    truncated or malicious file is not a traceback)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            yield
+    except ClinadaptError:
+        raise
+    except Exception as e:
+        if weights is None:
+            raise
+        raise IncompatibleError(load_failure(weights, what, e)) from e
 
 
 def load_failure(path: str | os.PathLike[str], what: str, error: BaseException) -> str:

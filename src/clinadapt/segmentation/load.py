@@ -10,14 +10,12 @@ entry of that name uses, so one download of ``sam-vit-b`` or ``medsam`` serves b
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from clinadapt.errors import (
-    ClinadaptError,
     ConfigError,
     IncompatibleError,
     WeightsUnavailableError,
@@ -26,7 +24,7 @@ from clinadapt.models._common import deep_merge, quiet_transformers, seeded
 from clinadapt.models._weights import (
     WEIGHT_SUFFIXES,
     WeightsRequest,
-    load_failure,
+    loading_weights,
     model_dir,
     resolve_weights,
 )
@@ -179,16 +177,8 @@ def load_segmenter(
     if spec.tiny and weights is None:
         pretrained = False
     if pretrained or weights is not None:
-        try:
-            with warnings.catch_warnings():  # torch notes pickle protocols of files it refuses
-                warnings.filterwarnings("ignore", message="Detected pickle protocol")
-                sam, source = _resolve(spec, weights)
-        except ClinadaptError:
-            raise
-        except Exception as e:  # a file that is not (these) weights: one line naming it
-            if weights is None:
-                raise
-            raise IncompatibleError(load_failure(weights, f"weights of {name!r}", e)) from e
+        with loading_weights(weights, f"weights of {name!r}"):
+            sam, source = _resolve(spec, weights)
     else:
         with seeded(spec.seed):
             sam = build_sam(spec.family, spec.config)
