@@ -123,3 +123,21 @@ def test_a_nan_feature_cache_is_named_and_embedded_again(tmp_path, capsys):
         assert f"feature cache {f} holds non-finite values" in err
         assert np.array_equal(load_np(str(f))["features"], feats)  # embedded and stored again
     assert set(rec["metrics"]) == set(first["metrics"])
+
+
+def test_a_subgroup_key_no_metadata_holds_is_refused_before_training(tmp_path, monkeypatch):
+    """`evaluation.subgroup_keys=[sexx]` used to leave every record without subgroups, silently."""
+
+    def no_training(*a, **k):
+        raise AssertionError("a model was trained before the subgroup keys were checked")
+
+    monkeypatch.setattr(runner, "fit_source", no_training)
+    cfg = RunConfig(
+        data_options={"patients_per_site": 8},
+        evaluation={"subgroup_keys": ["domain", "sexx"]},
+        out_dir=str(tmp_path),
+    )
+    with pytest.raises(ConfigError, match=r"\['sexx'\] in no metadata column.*did you mean 'sex'"):
+        runner.run_experiment(cfg)
+    with pytest.raises(ConfigError, match=r"\['sexx'\] in no metadata column"):
+        run_fewshot_sweep(cfg, ["prototype"], [1], [0])

@@ -26,7 +26,7 @@ from clinadapt.features import FeatureCache, resolve_cache_dir, rows_in
 from clinadapt.methods import METHODS, Context
 from clinadapt.methods.base import logits_to_proba
 from clinadapt.methods.frozen import FrozenFeatureMethod, LabelledFeatures, head_logits
-from clinadapt.preflight import check_data_options, check_out_dir
+from clinadapt.preflight import check_data_options, check_out_dir, check_subgroup_keys
 from clinadapt.progress import bar, status
 from clinadapt.record import (
     build_record,
@@ -119,7 +119,9 @@ class _Embedded:
     def ds(self) -> ClinicalDataset:
         if self._ds is None:
             t = time.perf_counter()
-            self._ds = load_dataset(self.base.data, **self.base.data_options)
+            ds = load_dataset(self.base.data, **self.base.data_options)
+            check_subgroup_keys(self.base.evaluation.subgroup_keys, ds.metadata, ds.name)
+            self._ds = ds
             self.timings["load_s"] = time.perf_counter() - t
         return self._ds
 

@@ -130,3 +130,21 @@ def check_run(cfg: RunConfig, data: bool = True) -> None:
         SHIFTS.get(cfg.shift), cfg.shift_options, f"shift {cfg.shift!r}", skip=("ds", "seed")
     )
     check_out_dir(cfg.out_dir)
+
+
+def check_subgroup_keys(keys: list[str], metadata: Mapping[str, Any], data_name: str) -> None:
+    """A subgroup key the user asked for that no metadata column of the dataset holds would be
+    left out of every record without a word: ConfigError naming it and the columns there are.
+    The default keys (:data:`clinadapt.evaluation.subgroups.SUBGROUP_KEYS`) may be missing."""
+    from clinadapt.evaluation.subgroups import SUBGROUP_KEYS
+
+    missing = [k for k in keys if k not in metadata and k not in SUBGROUP_KEYS]
+    if not missing:
+        return
+    columns = sorted(metadata)
+    close = difflib.get_close_matches(missing[0], columns, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ConfigError(
+        f"evaluation.subgroup_keys: {brief(missing)} in no metadata column of {data_name}{hint} "
+        f"(its columns: {', '.join(columns) or 'none'})"
+    )

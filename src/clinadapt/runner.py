@@ -32,7 +32,7 @@ from clinadapt.methods.tta.protocol import order_stream, run_tta, source_method_
 from clinadapt.models import load_model
 from clinadapt.models.base import FoundationModel
 from clinadapt.models.volume.base import check_spatial_dims
-from clinadapt.preflight import check_run
+from clinadapt.preflight import check_run, check_subgroup_keys
 from clinadapt.progress import status, status_once, warn
 from clinadapt.record import build_record, summarise, versions
 from clinadapt.shifts import ShiftSplit, apply_shift
@@ -448,6 +448,7 @@ def run_experiment(
     split = apply_shift(ds, cfg.shift, seed=cfg.seed, **cfg.shift_options)
     task = task_for(ds)
     task.check(method, ds)
+    check_subgroup_keys(cfg.evaluation.subgroup_keys, ds.metadata, ds.name)
     timings["data_s"] = time.perf_counter() - t0
 
     with ctx.autocast():  # fit, test-time adaptation and prediction at the run's precision
