@@ -326,3 +326,21 @@ def test_targets_open_the_parameters_they_name_on_3d_backbones(name):
     )
     x = enc.preprocess(volumes(1))
     assert torch.isfinite(fresh(x)).all()  # LoRA starts at zero: the base model's output
+
+
+@pytest.mark.parametrize("name", ["tiny-primus", "tiny-swinunetr"])
+def test_adapters_fit_the_3d_transformers_and_cnns_are_told_why_not(name):
+    from clinadapt.targets import apply_target
+
+    opts = {"volume_size": 32} if name == "tiny-swinunetr" else {}
+    clf = ImageClassifier(load_model(name, **opts), 2)
+    head = sum(p.numel() for p in clf.head.parameters())
+    info = apply_target(clf, "adapter+head")
+    opened = [n for n, p in clf.named_parameters() if p.requires_grad and not n.startswith("head")]
+    assert opened and info.trainable == head + sum(
+        p.numel() for n, p in clf.named_parameters() if n in opened
+    )
+    x = clf.encoder.preprocess(volumes(1))
+    assert torch.isfinite(clf(x)).all()
+    with pytest.raises(IncompatibleError, match="no transformer blocks"):
+        apply_target(ImageClassifier(load_model("tiny-resenc"), 2), "adapter+head")

@@ -157,3 +157,23 @@ def test_wrong_pairings_are_refused(tmp_path):
         run_experiment(config(tmp_path, data="clinical-shift-3d"))
     with pytest.raises(IncompatibleError, match="2D backbone"):
         run_experiment(config(tmp_path, model="tiny-resnet", model_options={}))
+
+
+def test_3d_artefacts_shift_segmentation_volumes_and_keep_their_label_volumes(tmp_path):
+    from clinadapt.data import load_dataset
+    from clinadapt.shifts import apply_shift
+
+    ds = load_dataset("clinical-shift-3d-seg", **DATA, size=16)
+    split = apply_shift(ds, "corruption", corruptions=["ct-noise-3d"], severities=[5])
+    clean, noisy = split.tests["clean"], split.tests["ct-noise-3d@5"]
+    assert np.array_equal(clean.mask(0), noisy.mask(0))
+    assert not np.array_equal(clean.volume(0), noisy.volume(0))
+    r = run_experiment(
+        config(
+            tmp_path,
+            data_options={**DATA, "size": 16},
+            shift="corruption",
+            shift_options={"corruptions": ["ct-noise-3d"], "severities": [5]},
+        )
+    )
+    assert {"clean", "ct-noise-3d@5"} <= set(r["metrics"])
