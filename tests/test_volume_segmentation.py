@@ -106,6 +106,11 @@ def test_finetuning_segments_volumes_and_scores_them_per_volume(tmp_path):
     assert image.dtype == np.uint8 and image.ndim == 2 and ref.shape == image.shape
     assert pred.shape == (2, *image.shape)
     assert arrays["table/site-b/spacing"].shape[1] == 3  # real voxel spacing per volume
+    from clinadapt.evaluation.seg_overlays import overlay_figure, read_cases
+
+    cases = {s: read_cases(arrays, s) for s in ("site-a", "site-b")}
+    fig = overlay_figure(cases, ["organ", "lesion"])
+    assert len(fig.axes) >= 6  # a slice picture per case: 2 sets x best/median/worst
 
 
 def test_bn_with_the_source_statistics_scores_exactly_as_its_source(tmp_path):

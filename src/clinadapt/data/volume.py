@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from clinadapt.data.base import SEGMENTATION, ClinicalDataset, ImageSource, Task, hash_files
-from clinadapt.data.segmentation import BACKGROUND
+from clinadapt.data.segmentation import BACKGROUND, SegmentationDataset
 from clinadapt.errors import DataError
 
 #: The axis along which a volume's slices are axial (RAS+: superior is axis 2).
@@ -338,17 +338,9 @@ class VolumeSegmentationDataset(VolumeDataset):
             self.labels = (self.areas > 0).astype(np.int64)
         super().__post_init__()
 
-    def _check_labels(self) -> None:
-        if self.task != SEGMENTATION:
-            raise DataError(f"{self.name}: a segmentation dataset has task {SEGMENTATION!r}")
-        want = (len(self), self.num_classes)
-        if self.labels.shape != want or not np.array_equal(self.labels, self.areas > 0):
-            raise DataError(f"{self.name}: labels must be the class presence (areas > 0), {want}")
-        self.labels = self.labels.astype(np.int64)
-
-    @property
-    def binary(self) -> bool:
-        return self.num_classes == 1
+    # the rules of 2D label maps: labels are the class presence; one class is binary
+    _check_labels = SegmentationDataset._check_labels
+    binary = SegmentationDataset.binary
 
     def mask(self, i: int) -> np.ndarray:
         """The reference label volume of volume ``i`` (uint8, 0..C)."""

@@ -54,17 +54,8 @@ def _positions(ds: Any) -> np.ndarray:
 )
 class VolumeSegmentationTask(SegmentationTask):
     name = SEGMENTATION_3D
-    evaluation_parts = (
-        "subgroups",
-        "ci",
-        "size_bins",
-        "cases",
-        "counts",
-        "warnings",
-        "source_metrics",
-        "vs_source",
-        "degraded",
-    )
+    # 2D segmentation's parts but the fill-the-box baseline (no prompts here)
+    evaluation_parts = tuple(p for p in SegmentationTask.evaluation_parts if p != "baselines")
     default_model = "tiny-resenc"
     default_data = "clinical-shift-3d-seg"
     default_source = "seg3d-finetune"
