@@ -199,7 +199,7 @@ def segment(
     out: Annotated[Path, typer.Option("--out", help="folder for masks and overlays")] = Path(
         "clinadapt-masks"
     ),
-    device: Annotated[str, typer.Option(help="torch device (cpu, cuda)")] = "cpu",
+    device: Device = None,
     quiet: Quiet = False,
     as_json: AsJson = False,
 ) -> None:
@@ -223,7 +223,9 @@ def segment(
         raise ConfigError("give --image FILE (repeatable) / --images FOLDER, or --data DATASET")
     if model is None and weights is None:
         model = "medsam"
-    seg = load_for_inference(model, weights, device)
+    from clinadapt.compute import resolve_device
+
+    seg = load_for_inference(model, weights, resolve_device(device))
 
     def show(item: Any) -> None:
         if not (quiet or as_json):
