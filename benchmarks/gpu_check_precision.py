@@ -10,6 +10,9 @@ For each precision it fine-tunes tiny-vit (LoRA + head), test-time adapts the re
 CPU with timm alone. It prints one line per run (device, precision, loss scale, balanced
 accuracy, seconds) and exits non-zero when a check fails: a run not on CUDA, a non-finite loss
 or metric, fp16 without a loss scale, or an export whose CPU logits differ from the GPU model's.
+
+``--device cpu`` is a dry run of the same script on any machine (fp32 and bf16; fp16 needs a
+GPU), so that an import or an argument never fails on the GPU machine.
 """
 
 from __future__ import annotations
@@ -27,9 +30,16 @@ import torch
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="work folder (default: a temporary one)")
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu"),
+        default="auto",
+        help="auto: the GPU check (needs CUDA); cpu: a dry run of the script on the CPU",
+    )
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("no CUDA GPU visible: this check needs one", file=sys.stderr)
+    dry = args.device == "cpu"
+    if not dry and not torch.cuda.is_available():
+        print("no CUDA GPU visible: this check needs one (--device cpu: dry run)", file=sys.stderr)
         return 2
     from clinadapt.compute import resolve_device
     from clinadapt.config import RunConfig
@@ -40,11 +50,14 @@ def main() -> int:
 
     out = Path(args.out or tempfile.mkdtemp(prefix="gpu-check-"))
     failures: list[str] = []
-    print(f"GPU: {torch.cuda.get_device_name(0)}; auto resolves to {resolve_device('auto')}")
+    expected = "cpu" if dry else "cuda"
+    where = "dry run on the CPU" if dry else f"GPU: {torch.cuda.get_device_name(0)}"
+    print(f"{where}; auto resolves to {resolve_device('auto')}")
+    device = {"device": "cpu"} if dry else {}  # else the default, auto
     data = {"patients_per_site": 40}
     fp32_record: Path | None = None
     print(f"{'run':34s} {'device':7s} {'prec':5s} {'loss scale':>10s} {'bal.acc':>8s} {'s':>6s}")
-    for precision in ("fp32", "bf16", "fp16"):
+    for precision in ("fp32", "bf16") if dry else ("fp32", "bf16", "fp16"):
         t = time.perf_counter()
         rec = run_experiment(
             RunConfig(
@@ -55,6 +68,7 @@ def main() -> int:
                 data_options=data,
                 precision=precision,
                 out_dir=str(out / "runs"),
+                **device,
             )
         )
         seconds = time.perf_counter() - t
@@ -64,7 +78,7 @@ def main() -> int:
             f"{'finetune lora+head':34s} {rec['compute']['device']:7s} {precision:5s} "
             f"{scale if scale is not None else '-':>10} {acc:8.3f} {seconds:6.1f}"
         )
-        if not rec["compute"]["device"].startswith("cuda"):
+        if not rec["compute"]["device"].startswith(expected):
             failures.append(f"finetune {precision} ran on {rec['compute']['device']}")
         if not math.isfinite(acc) or any(
             not math.isfinite(h["loss"]) for h in rec["training"]["history"]
@@ -83,6 +97,7 @@ def main() -> int:
                 precision=precision,
                 source={"from": str(fp32_record)},
                 out_dir=str(out / "tent"),
+                **device,
             )
         )
         acc = tent["summary"]["balanced_accuracy"]["shifted"]
@@ -92,6 +107,8 @@ def main() -> int:
         )
         if not math.isfinite(acc):
             failures.append(f"tent {precision}: non-finite metric")
+        if not tent["compute"]["device"].startswith(expected):
+            failures.append(f"tent {precision} ran on {tent['compute']['device']}")
         t = time.perf_counter()
         summary = pretrain(
             make_config(
@@ -104,6 +121,7 @@ def main() -> int:
                 precision=precision,
                 evaluate=False,
                 out_dir=str(out / f"pt-{precision}"),
+                **device,
             )
         )
         print(
@@ -112,16 +130,18 @@ def main() -> int:
         )
         if not math.isfinite(summary["loss_last"]):
             failures.append(f"pretrain {precision}: non-finite loss")
+        if not summary["compute"]["device"].startswith(expected):
+            failures.append(f"pretrain {precision} ran on {summary['compute']['device']}")
 
     # the fp32 GPU model, exported, reloads on the CPU in timm alone with the same logits
     import timm
 
-    fitted = load_fitted(fp32_record, device="cuda")
+    fitted = load_fitted(fp32_record, device=expected)
     folder = out / "export-timm"
     export_model(fp32_record, "timm", folder)
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
-        gpu = fitted.model.eval()(x.cuda()).float().cpu()
+        gpu = fitted.model.eval()(x.to(expected)).float().cpu()
         cpu = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()(x)
     diff = (gpu - cpu).abs().max().item()
     print(f"export --format timm, CPU reload vs GPU model: max |logit diff| = {diff:.2e}")
@@ -129,7 +149,11 @@ def main() -> int:
         failures.append(f"export: CPU logits differ from the GPU model's by {diff:.2e}")
     for f in failures:
         print(f"FAILED: {f}", file=sys.stderr)
-    print("all GPU checks passed" if not failures else f"{len(failures)} check(s) failed")
+    print(
+        f"all {'dry-run' if dry else 'GPU'} checks passed"
+        if not failures
+        else f"{len(failures)} check(s) failed"
+    )
     return 1 if failures else 0
 
 
