@@ -108,6 +108,32 @@ def metadata(fitted: Fitted, fmt: str, extra: dict[str, Any] | None = None) -> d
     }
 
 
+#: how each pooling turns the library model's output into the head's input, as code the user
+#: runs on the reloaded model (``model``) and a preprocessed batch (``x``; transformers 5)
+FEATURES = {
+    "cls": "model(pixel_values=x).pooler_output",
+    "mean_patch": "model(pixel_values=x, noise=torch.arange(N).expand(len(x), N).to(x))"
+    ".last_hidden_state[:, 1:].mean(dim=1)  # N patches: no masking, patches in order",
+    "spatial_mean": "model(pixel_values=x).last_hidden_state.mean(dim=(-2, -1))",
+    "mean": "model(pixel_values=x).last_hidden_state.mean(dim=1)",
+    "image_embeds": "model.get_image_features(pixel_values=x).pooler_output",
+    "encode_image": "model.encode_image(x)",
+}
+
+
+def pooling_of(enc: nn.Module) -> str:
+    """How the library model's output becomes the head's input (a key of ``FEATURES``)."""
+    if enc.family == "open_clip":
+        return "encode_image"
+    return getattr(enc, "pooling", "image_embeds")  # transformers CLIP: get_image_features
+
+
+def features_code(pooling: str, normalize: bool) -> str:
+    """The expression that gives the head's input (L2-normalised where the head needs it)."""
+    code = FEATURES[pooling]
+    return f"torch.nn.functional.normalize({code}, dim=-1)" if normalize else code
+
+
 def write_json(path: Path, data: dict[str, Any]) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")

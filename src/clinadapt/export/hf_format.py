@@ -3,9 +3,10 @@
 
 ``AutoModel.from_pretrained(folder)`` rebuilds the backbone; ``AutoImageProcessor`` reads the
 preprocessing; ``clinadapt_head.safetensors`` maps the pooled features to logits. How the
-features are pooled is in ``clinadapt_export.json`` (``pooling``): ``cls`` (``pooler_output``),
-``mean_patch`` (mean of the patch tokens, MAE), ``spatial_mean`` (SAM), ``mean`` (all tokens),
-or ``image_embeds`` (CLIP's ``get_image_features``).
+features are pooled is in ``clinadapt_export.json``: ``pooling`` names it (``cls``, the
+``pooler_output``; ``mean_patch``, mean of the patch tokens, MAE; ``spatial_mean``, SAM; ``mean``,
+all tokens; ``image_embeds``, CLIP's ``get_image_features``) and ``features`` is the expression
+that computes the head's input from the reloaded ``model`` and a preprocessed batch ``x``.
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ from pathlib import Path
 from clinadapt.export.common import (
     HEAD_FILE,
     METADATA_FILE,
+    features_code,
     library_model,
     merged_for,
     metadata,
+    normalizes,
+    pooling_of,
     save_head,
     write_json,
 )
@@ -33,7 +37,7 @@ def export_transformers(fitted: Fitted, out: Path) -> dict:
     model = merged_for(fitted, "hf", "transformers")
     enc = model.encoder
     net = library_model(enc)
-    pooling = getattr(enc, "pooling", "image_embeds")
+    pooling = pooling_of(enc)
     names = list(fitted.class_names)
     net.config.id2label = dict(enumerate(names))
     net.config.label2id = {n: i for i, n in enumerate(names)}
@@ -56,6 +60,7 @@ def export_transformers(fitted: Fitted, out: Path) -> dict:
         "transformers",
         {
             "pooling": pooling,
+            "features": features_code(pooling, normalizes(model)),
             "model_class": type(net).__name__,
             "load": f'transformers.AutoModel.from_pretrained("{out}")',
         },

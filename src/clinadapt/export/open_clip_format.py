@@ -17,8 +17,11 @@ from clinadapt.errors import IncompatibleError
 from clinadapt.export.common import (
     HEAD_FILE,
     METADATA_FILE,
+    features_code,
     merged_for,
     metadata,
+    normalizes,
+    pooling_of,
     save_head,
     write_json,
 )
@@ -55,6 +58,10 @@ def export_open_clip(fitted: Fitted, out: Path) -> dict:
     with atomic_path(out / WEIGHTS_FILE) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})
     save_head(out / HEAD_FILE, model, fitted.class_names)
-    meta = metadata(fitted, "open_clip", {"load": f'open_clip.create_model("local-dir:{out}")'})
+    extra = {
+        "load": f'open_clip.create_model("local-dir:{out}")',
+        "features": features_code(pooling_of(enc), normalizes(model)),
+    }
+    meta = metadata(fitted, "open_clip", extra)
     write_json(out / METADATA_FILE, meta)
     return meta

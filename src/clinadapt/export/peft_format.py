@@ -18,8 +18,11 @@ from clinadapt.errors import IncompatibleError
 from clinadapt.export.common import (
     HEAD_FILE,
     METADATA_FILE,
+    features_code,
     library_model,
     metadata,
+    normalizes,
+    pooling_of,
     save_head,
     target_parts,
     write_json,
@@ -53,12 +56,21 @@ def export_peft(fitted: Fitted, out: Path) -> dict:
             f"{'timm' if enc.family == 'timm' else enc.family} instead"
         )
     root = library_model(enc)
+    # the LoRA target injected into the image tower, which keeps PEFT's config; in a CLIP-like
+    # library model the tower's layers sit elsewhere (open_clip's ``visual.``, transformers'
+    # ``vision_model.``): each tensor is keyed by its layer's name in the whole model
+    tower = enc.image_encoder
     names = [n for n, m in root.named_modules() if any(m is layer for layer in lora_layers(root))]
-    state = get_peft_model_state_dict(root)
+    in_root = {id(m): n for n, m in root.named_modules()}
+    in_tower = dict(tower.named_modules())
+    state = {}
+    for key, value in get_peft_model_state_dict(tower).items():
+        path, leaf = key.split(".lora_", 1)
+        state[f"{in_root[id(in_tower[path])]}.lora_{leaf}"] = value
     options = fitted.target.options.get("lora", fitted.target.options)
     unload_lora(root)
-    if hasattr(root, "peft_config"):  # left by the injection; the PeftModel below makes its own
-        del root.peft_config
+    if hasattr(tower, "peft_config"):  # left by the injection; the PeftModel below makes its own
+        del tower.peft_config
     modules_to_save = None
     if enc.family == "timm":  # the classifier is part of a timm model: it travels in the adapter
         root.reset_classifier(model.head.out_features)
@@ -99,10 +111,12 @@ def export_peft(fitted: Fitted, out: Path) -> dict:
         )
     else:
         save_head(out / HEAD_FILE, model, fitted.class_names)
-        extra["pooling"] = getattr(enc, "pooling", "image_embeds")
+        pooling = pooling_of(enc)
+        extra["pooling"] = pooling
+        extra["features"] = features_code(pooling, normalizes(model))
         extra["load"] = (
             f"PeftModel.from_pretrained(<the {enc.family} base model>, {str(out)!r}), then the "
-            f"head in {HEAD_FILE} on the pooled features"
+            f"head in {HEAD_FILE} on the features (see 'features')"
         )
     meta = metadata(fitted, "peft", extra)
     write_json(out / METADATA_FILE, meta)
