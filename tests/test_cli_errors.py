@@ -102,3 +102,28 @@ def test_brief_and_clip_bound_what_a_message_shows():
     assert "..." in brief("a" * 1000) and len(brief("a" * 1000)) <= 200
     assert clip_message("y" * 10, limit=4) == "yyyy ... (6 more characters)"
     assert clip_message("short") == "short"
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--image", "{tmp}/missing.png", "--box", "1,2,3,4"], "missing.png: no such image file"),
+        (["--image", "{img}", "--box", "1,2"], "--box '1,2': expected 4 comma-separated numbers"),
+        (["--image", "{img}", "--point", "a,b"], "--point 'a,b': expected 2"),
+        (["--image", "{img}", "--prompts", "{tmp}/p.json"], "p.json' does not exist"),
+        (["--image", "{img}"], "no prompt: give --box / --point"),
+        (["--data", "clinical-shift-seg", "--derive", "boxes"], "'box', 'points'"),
+        (["--image", "{img}", "--box", "1,2,3,4", "--out", "{img}"], "is a file, not a folder"),
+    ],
+)
+def test_segment_checks_its_arguments_before_loading_a_model(
+    tmp_path, capsys, monkeypatch, args, expected
+):
+    """The default model (MedSAM) has no weights here: each error must be about the argument."""
+    img = tmp_path / "x.png"
+    img.write_bytes(b"not read before the model loads")
+    args = [a.format(tmp=tmp_path, img=img) for a in args]
+    monkeypatch.setenv("CLINADAPT_MODEL_DIR", str(tmp_path / "no-models"))
+    code, _, err = _fail(["segment", *args], capsys, monkeypatch)
+    assert code == 2 and expected in err, err
+    assert "medsam" not in err.lower()

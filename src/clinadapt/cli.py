@@ -221,11 +221,29 @@ def segment(
         files += list_images(images)
     if bool(files) == bool(data):
         raise ConfigError("give --image FILE (repeatable) / --images FOLDER, or --data DATASET")
+    # every argument is checked before the model loads (minutes for SAM on a CPU)
+    from clinadapt.compute import resolve_device
+    from clinadapt.errors import DataError
+    from clinadapt.preflight import check_out_dir
+    from clinadapt.segmentation.apply import NO_PROMPT, parse_numbers
+    from clinadapt.segmentation.prompts import prompt_spec
+
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise DataError(f"{missing[0]}: no such image file")
+    for what, values, n in (("--box", box, 4), ("--point", point, 2), ("--negative", negative, 2)):
+        for text in values or ():
+            parse_numbers(text, n, what)
+    if prompts is not None and not prompts.is_file():
+        raise DataError(f"prompts file {str(prompts)!r} does not exist")
+    if data is None and prompts is None and not (box or point or negative) and weights is None:
+        raise ConfigError(NO_PROMPT)  # only adapted weights bring a default prompt
+    spec = prompt_spec(kind=derive, jitter=jitter) if data is not None else None
+    check_out_dir(out)
+    resolved = resolve_device(device)
     if model is None and weights is None:
         model = "medsam"
-    from clinadapt.compute import resolve_device
-
-    seg = load_for_inference(model, weights, resolve_device(device))
+    seg = load_for_inference(model, weights, resolved)
 
     def show(item: Any) -> None:
         if not (quiet or as_json):
@@ -233,9 +251,7 @@ def segment(
 
     if data is not None:
         from clinadapt.data import load_dataset
-        from clinadapt.segmentation.prompts import prompt_spec
 
-        spec = prompt_spec(kind=derive, jitter=jitter)
         ds = load_dataset(data)
         done = segment_dataset(seg, ds, out, spec, limit=limit, seed=seed, on_done=show)
         if as_json:

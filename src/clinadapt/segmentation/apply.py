@@ -31,6 +31,12 @@ IMAGE_SUFFIXES = (
 )
 
 
+NO_PROMPT = (
+    "no prompt: give --box / --point, a --prompts file, or adapted weights with a learned "
+    "default prompt"
+)
+
+
 def parse_numbers(text: str, n: int, what: str) -> list[float]:
     """``"10,20,120,140"`` -> four floats; the error names the option and the value."""
     parts = [p.strip() for p in text.split(",")]
@@ -156,10 +162,7 @@ def segment_files(
     """Segment each file with its prompts (from the file or the command line) and write it."""
     table = read_prompts(prompts_file) if prompts_file else None
     if table is None and not (boxes or points or negatives) and seg.default_prompt is None:
-        raise ConfigError(
-            "no prompt: give --box / --point, a --prompts file, or adapted weights with a "
-            "learned default prompt"
-        )
+        raise ConfigError(NO_PROMPT)
     out = Path(out_dir)
     done: list[Segmented] = []
     for path in images:
