@@ -50,3 +50,19 @@ def test_different_objects_never_share_a_run_or_a_fit(tmp_path):
     other = data.subset(range(len(data) - 4), name=data.name)
     third = clinadapt.run(model=model, data=other, method="linear-probe", out_dir=str(tmp_path))
     assert third["config"]["data"] != second["config"]["data"]
+
+
+def test_run_says_what_model_and_data_take(tmp_path):
+    with pytest.raises(clinadapt.ConfigError, match=r"model=: .* not a torch\.nn\..*Linear"):
+        clinadapt.run(model=torch.nn.Linear(2, 2), out_dir=str(tmp_path))
+    with pytest.raises(clinadapt.ConfigError, match=r"data=: .* not a list"):
+        clinadapt.run(data=[1, 2, 3], out_dir=str(tmp_path))
+
+
+def test_run_takes_a_path_object_for_data(tmp_path):
+    """A pathlib.Path names a dataset as its string does (it reaches the config as text)."""
+    from clinadapt.runner import object_overrides
+
+    names, objects = object_overrides("tiny-vit", tmp_path / "manifest.csv")
+    assert names == {"model": "tiny-vit", "data": str(tmp_path / "manifest.csv")}
+    assert objects == {}

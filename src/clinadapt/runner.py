@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -81,13 +82,29 @@ def object_overrides(model: Any = None, data: Any = None) -> tuple[dict[str, Any
         names["model_options"] = dict(model.options) or None
         objects["encoder"] = model
     elif model is not None:
-        names["model"] = model
+        if not isinstance(model, (str, os.PathLike)):
+            raise ConfigError(
+                f"model=: a model name or what clinadapt.load_model returns, not a "
+                f"{_type_name(model)} (your own weights: clinadapt.load_model(NAME, "
+                "weights=PATH); clinadapt models lists the names)"
+            )
+        names["model"] = str(model)
     if isinstance(data, ClinicalDataset):
         names["data"] = f"{data.name}@{data.fingerprint()[:12]}"
         objects["dataset"] = data
     elif data is not None:
-        names["data"] = data
+        if not isinstance(data, (str, os.PathLike)):
+            raise ConfigError(
+                f"data=: a dataset name, a path (folder, CSV manifest, .npz, NIfTI) or what "
+                f"clinadapt.load_dataset returns, not a {_type_name(data)}"
+            )
+        names["data"] = str(data)
     return names, objects
+
+
+def _type_name(value: Any) -> str:
+    kind = type(value)
+    return f"{kind.__module__}.{kind.__qualname__}".removeprefix("builtins.")
 
 
 def unlabelled_targets(split: ShiftSplit) -> dict[str, ClinicalDataset]:
