@@ -127,3 +127,21 @@ def test_segment_checks_its_arguments_before_loading_a_model(
     code, _, err = _fail(["segment", *args], capsys, monkeypatch)
     assert code == 2 and expected in err, err
     assert "medsam" not in err.lower()
+
+
+def test_fewshot_refuses_an_unknown_metric_before_it_runs(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "fs"
+    args = [
+        "fewshot",
+        "--metric",
+        "balanced_acc",
+        "--shots",
+        "1",
+        "--seeds",
+        "1",
+        "--out",
+        str(out),
+    ]
+    code, _, err = _fail(args, capsys, monkeypatch)
+    assert code == 2 and "did you mean 'balanced_accuracy'?" in err
+    assert not out.exists()  # nothing embedded, nothing written

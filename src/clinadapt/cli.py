@@ -366,6 +366,21 @@ def run(
     console.print("result record:", _bold(path))
 
 
+def _check_metric_name(metric: str) -> None:
+    """Refuse a ``--metric`` no classification task computes, with the closest name."""
+    from clinadapt.evaluation.metrics import metric_names
+    from clinadapt.evaluation.replicates import AT_THRESHOLD, SELECTIVE
+    from clinadapt.validate import did_you_mean
+
+    tasks = (("multiclass", 3), ("binary", 2), ("multilabel", 3))
+    known = sorted({m for t, k in tasks for m in metric_names(t, k)} | {*AT_THRESHOLD, *SELECTIVE})
+    if metric not in known:
+        raise ConfigError(
+            f"--metric {metric!r} is not a metric{did_you_mean(metric, known)} "
+            f"(known: {', '.join(known)})"
+        )
+
+
 @app.command()
 def fewshot(
     shots: Annotated[str, typer.Option(help="shot counts, comma-separated")] = "1,2,4,8,16",
@@ -404,6 +419,7 @@ def fewshot(
     from clinadapt.progress import set_quiet
 
     set_quiet(quiet or as_json)
+    _check_metric_name(metric)  # a typo fails now, not after the whole sweep has run
     names = [m.strip() for m in methods.split(",") if m.strip()]
     overrides: dict[str, Any] = {
         "model": model,
