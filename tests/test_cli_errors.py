@@ -114,6 +114,7 @@ def test_brief_and_clip_bound_what_a_message_shows():
         (["--image", "{img}"], "no prompt: give --box / --point"),
         (["--data", "clinical-shift-seg", "--derive", "boxes"], "'box', 'points'"),
         (["--image", "{img}", "--box", "1,2,3,4", "--out", "{img}"], "is a file, not a folder"),
+        (["--image", "{img}", "--box", "1,2,3,4", "--modality", "mri"], "only ct changes"),
     ],
 )
 def test_segment_checks_its_arguments_before_loading_a_model(

@@ -238,6 +238,11 @@ def segment(
         raise DataError(f"prompts file {str(prompts)!r} does not exist")
     if data is None and prompts is None and not (box or point or negative) and weights is None:
         raise ConfigError(NO_PROMPT)  # only adapted weights bring a default prompt
+    if modality is not None and modality.lower() != "ct":
+        raise ConfigError(
+            f"--modality {modality!r}: only ct changes the preprocessing (raw HU windowed at "
+            "level 40, width 400); other images are scaled by their own range, without it"
+        )
     spec = prompt_spec(kind=derive, jitter=jitter) if data is not None else None
     check_out_dir(out)
     resolved = resolve_device(device)
