@@ -330,3 +330,63 @@ def test_each_prompt_kind_runs_and_is_recorded(tmp_path, prompt, boxed):
     npz = np.load(tmp_path / "predictions" / f"{rec['run_id']}.npz")
     key = "cases/site-b/median/points"
     assert (key in npz.files) == ("points" in prompt["kind"])
+
+
+def _user_data(root):
+    """A manifest of rectangles on noise (sites A, B) and a prompts CSV with each exact box."""
+    from PIL import Image
+
+    from filewriters import write_csv
+
+    rng = np.random.default_rng(0)
+    rows, boxes = [], []
+    for n in range(10):
+        site, split = ("A", "train") if n < 4 else (("A", "test") if n < 6 else ("B", "test"))
+        img = rng.integers(0, 90, (32, 32), np.uint8)
+        mask = np.zeros((32, 32), np.uint8)
+        y0, x0 = 4 + n, 3 + n
+        mask[y0 : y0 + 9, x0 : x0 + 12] = 1
+        img[mask == 1] += 120
+        for folder, arr in (("img", img), ("seg", mask)):
+            (root / folder).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(arr).save(root / folder / f"case{n}.png")
+        rows.append(
+            {
+                "path": f"img/case{n}.png",
+                "mask": f"seg/case{n}.png",
+                "site": site,
+                "patient": f"p{n}",
+                "split": split,
+            }
+        )
+        boxes.append({"image": f"case{n}.png", "x1": x0, "y1": y0, "x2": x0 + 11, "y2": y0 + 8})
+    return write_csv(root / "data.csv", rows), write_csv(root / "boxes.csv", boxes)
+
+
+def test_a_run_with_the_users_own_prompts_file(tmp_path):
+    data, boxes = _user_data(tmp_path)
+    over = {
+        "data": str(data),
+        "data_options": {"class_names": ["tumour"]},
+        "shift_options": {"source": "A"},
+        "prompt": {"kind": "file", "file": str(boxes)},
+    }
+    rec = run(tmp_path, "seg-zeroshot", **over)
+    assert rec["prompts"]["kind"] == "file" and rec["prompts"]["file"] == str(boxes)
+    assert rec["prompts"]["source"].startswith("given") and len(rec["prompts"]["file_sha256"]) == 64
+    # the given boxes are the objects' exact bounds: filling them is a perfect segmentation
+    for name in ("A", "B"):
+        assert rec["baselines"][name]["fill-box"]["metrics"]["dice_present"] == 1.0
+    # training reads the same given prompts (no jitter), and the fit follows the file's content
+    fit = run(tmp_path, "seg-finetune", method_options={"epochs": 1}, **over)
+    assert "checkpoint" in fit["training"]
+    lines = boxes.read_text().splitlines()
+    boxes.write_text("\n".join(lines[:-1]) + "\n")  # case9 (site B) loses its prompt
+    with pytest.raises(DataError, match=r"no prompts for image 'case9\.png'"):
+        run(tmp_path, "seg-finetune", method_options={"epochs": 1}, **over)
+    with pytest.raises(ConfigError, match="kind 'file' and a file"):
+        load_config(None, method="seg-zeroshot", prompt={"kind": "file"})
+    with pytest.raises(ConfigError, match="kind 'file' and a file"):
+        load_config(None, method="seg-zeroshot", prompt={"file": str(boxes)})
+    # derived-prompt configs keep their identity: no file key unless one is given
+    assert "file" not in load_config(None, method="seg-zeroshot").prompt

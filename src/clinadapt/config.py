@@ -144,8 +144,9 @@ class RunConfig(BaseModel):
         None,
         description="segmentation: how each image's prompts derive from its reference, the "
         "fields of clinadapt.segmentation.PromptSpec (kind box|points|box+points|mask|none, "
-        "per class|component, jitter, k, negatives, point_mode, classes); default a MedSAM "
-        "box; none for classification",
+        "per class|component, jitter, k, negatives, point_mode, classes; or kind file with "
+        "file: a JSON/CSV of the user's prompts per image); default a MedSAM box; none for "
+        "classification",
     )
     seed: int = Field(
         0, ge=0, description="seed of model init, data order and sampling (numpy takes no negative)"
@@ -222,10 +223,12 @@ class RunConfig(BaseModel):
 
 
 def parse_prompt(fields: dict[str, Any]) -> dict[str, Any]:
-    """A segmentation prompt protocol, checked by PromptSpec, as the dict of all its fields."""
+    """A segmentation prompt protocol, checked by PromptSpec, as the dict of all its fields
+    (``file`` only when given: the run ids of derived-prompt runs do not change)."""
     from clinadapt.segmentation.prompts import PromptSpec
 
-    return parse_model(PromptSpec, fields, "prompt").model_dump()
+    spec = parse_model(PromptSpec, fields, "prompt")
+    return spec.model_dump(exclude=None if spec.file else {"file"})
 
 
 def read_yaml_mapping(path: str | Path, kind: str, expected: str) -> dict[str, Any]:

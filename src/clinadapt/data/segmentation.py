@@ -275,7 +275,17 @@ class SegmentationDataset(ClinicalDataset):
                 f"{self.name}: no prompt protocol attached; give the run a prompt "
                 "(e.g. prompt: {kind: box}) or call with_prompts(spec)"
             )
+        if self.prompt_spec.kind == "file":  # the user's own, by image file name
+            return self.prompt_spec.given(self.mask(i), self.describe(i))
         return self.prompt_spec.derive(self.mask(i), int(self.index[i]), self.prompt_seed)
+
+    def draw_prompts(self, i: int, rng: np.random.Generator) -> Any:
+        """A fresh draw of image ``i``'s prompts for a training step (MedSAM re-draws its box
+        jitter each time it loads an image); prompts given in a file are the same every time."""
+        spec = self.prompt_spec
+        if spec is None or spec.kind == "file":  # (no protocol: the error of prompts(i))
+            return self.prompts(i)
+        return spec.draw(self.mask(i), rng)
 
     def areas_mm2(self) -> np.ndarray:
         """(N,C) reference area per class in square millimetres."""

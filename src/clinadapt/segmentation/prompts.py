@@ -10,6 +10,7 @@ from a reference label map the way published evaluations do it (:func:`prompts_f
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -19,7 +20,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from clinadapt.errors import DataError
@@ -544,8 +545,15 @@ class PromptSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    kind: Literal["box", "points", "box+points", "mask", "none"] = Field(
-        "box", description="what is derived from the reference (MedSAM: box)"
+    kind: Literal["box", "points", "box+points", "mask", "none", "file"] = Field(
+        "box",
+        description="what is derived from the reference (MedSAM: box); file: the user's own "
+        "prompts from `file`",
+    )
+    file: str | None = Field(
+        None,
+        description="kind file: a JSON or CSV of prompts per image file name (the format of "
+        "clinadapt segment --prompts); every image the run uses needs an entry",
     )
     per: Literal["class", "component"] = Field(
         "class", description="one prompt per class present, or per connected component"
@@ -567,6 +575,24 @@ class PromptSpec(BaseModel):
     )
     classes: list[int] | None = Field(None, description="label values to prompt (default all)")
 
+    @model_validator(mode="after")
+    def _file_with_kind_file(self) -> PromptSpec:
+        if (self.kind == "file") != (self.file is not None):
+            raise ValueError("prompts from a file need kind 'file' and a file, and only then")
+        return self
+
+    def given(self, label_map: np.ndarray, image: str) -> DerivedPrompts:
+        """Kind ``file``: the prompts the file gives ``image`` (matched by file name or stem);
+        each prompt's target is the reference of the class it asks for."""
+        if self.file is None:
+            raise DataError("these prompts are derived from the reference, not given in a file")
+        prompts = prompts_for(given_prompts(self.file), image, np.shape(label_map)[:2])
+        ids = prompts.ids()
+        targets = np.stack([np.asarray(label_map) == c for c in ids]) if len(ids) else None
+        if targets is None:
+            targets = np.zeros((0, *np.shape(label_map)[:2]), dtype=bool)
+        return DerivedPrompts(prompts, targets, ids)
+
     def image_jitter(self, shape: tuple[int, ...]) -> int:
         """The jitter bound in pixels of an image of ``shape`` (H, W)."""
         if self.jitter_reference is None:
@@ -581,6 +607,11 @@ class PromptSpec(BaseModel):
     def draw(self, label_map: np.ndarray, rng: np.random.Generator) -> DerivedPrompts:
         """Prompts of one image from ``rng``: a fresh draw per training step, as MedSAM re-draws
         the box jitter each time it loads an image."""
+        if self.kind == "file":
+            raise DataError(
+                "prompts given in a file are looked up by image name: use the dataset's "
+                "prompts(i) (SegmentationDataset.with_prompts)"
+            )
         if self.kind == "none":
             h, w = np.shape(label_map)[:2]
             return DerivedPrompts(
@@ -597,6 +628,20 @@ class PromptSpec(BaseModel):
             classes=self.classes,
             seed=rng,
         )
+
+
+@functools.lru_cache(maxsize=8)
+def _read_given(path: str, mtime_ns: int, size: int) -> dict[str, dict[str, Any]]:
+    return read_prompts(path)
+
+
+def given_prompts(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
+    """:func:`read_prompts` of ``path``, read once per process while the file is unchanged."""
+    p = Path(path).expanduser().resolve()
+    if not p.is_file():
+        raise DataError(f"prompts file {str(path)!r} does not exist")
+    st = p.stat()
+    return _read_given(str(p), st.st_mtime_ns, st.st_size)
 
 
 def prompt_spec(**fields: Any) -> PromptSpec:

@@ -77,13 +77,25 @@ def with_prompts(split: ShiftSplit, spec: Any, seed: int) -> ShiftSplit:
 def describe_prompts(cfg: RunConfig) -> dict[str, Any]:
     """What the record says about the prompts."""
     spec = dict(cfg.prompt or {})
-    how = (
-        "none: the learned default prompt (prompt-free)"
-        if spec.get("kind") == "none"
-        else "derived from each image's reference mask, seeded by the run's seed and the "
-        "image's index"
-    )
+    if spec.get("kind") == "none":
+        how = "none: the learned default prompt (prompt-free)"
+    elif spec.get("kind") == "file":
+        how = "given per image file name in the prompts file (the user's own)"
+        spec["file_sha256"] = file_digest(spec["file"])
+    else:
+        how = (
+            "derived from each image's reference mask, seeded by the run's seed and the "
+            "image's index"
+        )
     return {"source": how, **spec}
+
+
+def file_digest(path: str) -> str:
+    """SHA-256 of a prompts file: the record and the fit cache follow its content."""
+    from clinadapt.segmentation.prompts import given_prompts
+
+    given_prompts(path)  # a missing or unreadable file is a DataError naming it
+    return hashlib.sha256(Path(path).expanduser().read_bytes()).hexdigest()
 
 
 def fit_key(cfg: RunConfig, method: str, target: str, options: dict, train: Any) -> str:
@@ -102,6 +114,8 @@ def fit_key(cfg: RunConfig, method: str, target: str, options: dict, train: Any)
         "seed": cfg.seed,
         "batch_size": cfg.batch_size,
     }
+    if (cfg.prompt or {}).get("file"):  # the file's content, not only its name
+        ident["prompts_file"] = file_digest(cfg.prompt["file"])
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -70,7 +70,9 @@ def _step_loss(
     modality: str,
     cache: dict[int, Any] | None,
     keys: list[int],
+    draw: Callable[[int, np.random.Generator], Any],
 ) -> torch.Tensor | None:
+    """The loss of one batch; ``draw(j, rng)`` gives image ``j``'s prompts for this step."""
     from clinadapt.segmentation import Prompts
     from clinadapt.segmentation.base import take
 
@@ -92,7 +94,7 @@ def _step_loss(
             prompts = Prompts()
             targets = np.stack([ref == c for c in range(1, seg.default_prompt.num_classes + 1)])
         else:
-            d = spec.draw(ref, rng)
+            d = draw(j, rng)
             if d.prompts.count == 0:
                 continue  # nothing to prompt on this image
             pick = (
@@ -219,6 +221,7 @@ def train_segmenter(
             train.modality,
             cache,
             [int(train.index[i]) for i in pos],
+            lambda j, r: train.draw_prompts(int(pos[j]), r),
         )
 
     def predict(ds: SegmentationDataset) -> Any:
