@@ -193,12 +193,17 @@ def test_other_weights_at_the_same_path_are_not_a_reused_fit(tmp_path):
         data_options={"patients_per_site": 8},
         out_dir=str(tmp_path / "runs"),
     )
-    first = run_experiment(cfg, write=False)
+    from clinadapt.sweep import is_done
+
+    first = run_experiment(cfg)
+    assert first["weights_files"] and is_done(cfg)
     assert run_experiment(cfg, write=False)["training"].get("reused")  # the same file: reused
     with torch.no_grad():
         for p in backbone.parameters():
             p.add_(0.05)
     save_backbone(backbone, "tiny-resnet", tmp_path / "pretrain")  # same path, same size
+    assert not is_done(cfg)  # a resumed sweep runs it again rather than keep the old record
     again = run_experiment(cfg, write=False)
     assert "reused" not in again["training"]
     assert again["training"]["checkpoint"] != first["training"]["checkpoint"]
+    assert again["weights_files"] != first["weights_files"]

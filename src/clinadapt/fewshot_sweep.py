@@ -177,7 +177,11 @@ def run_fewshot_sweep(
     out = Path(base.out_dir)
     cache = FeatureCache(resolve_cache_dir(out / "cache" / "features"))
     emb = _Embedded(base, cache)
-    done = {c.run_id(): existing_record(out, c.run_id()) for c in configs} if skip_existing else {}
+    done = (
+        {c.run_id(): existing_record(out, c.run_id(), c.weights) for c in configs}
+        if skip_existing
+        else {}
+    )
     todo = [c for c in configs if done.get(c.run_id()) is None]
     for cfg in todo:
         # every support set is drawn before the backbone runs: too few images fails at once

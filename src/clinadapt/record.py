@@ -22,6 +22,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from clinadapt.errors import ConfigError, DataError
+from clinadapt.models._weights import weights_fingerprint
 from clinadapt.store import list_records, read_record
 
 if TYPE_CHECKING:
@@ -138,6 +139,9 @@ def build_record(
     ``parts`` are the run's own (``compute``: where and at which precision it ran).
     """
     metrics = {name: dict(e["metrics"]) for name, e in evaluations.items()}
+    files = weights_fingerprint(cfg.weights)
+    if files is not None:  # which local weights file it ran on (a resumed sweep compares it)
+        parts = {"weights_files": files, **parts}
     fields: dict[str, Any] = {
         "schema": SCHEMA,
         "run_id": cfg.run_id(),
@@ -190,16 +194,26 @@ def load_record(path: str | Path, run_id: str | None = None) -> dict[str, Any]:
     return record.to_dict()
 
 
-def existing_record(out_dir: str | Path, run_id: str) -> dict[str, Any] | None:
-    """The complete record of ``run_id`` in ``out_dir``, or None (absent, stub, truncated or
-    another run's): what a resumable sweep may skip."""
+def existing_record(
+    out_dir: str | Path, run_id: str, weights: str | None = None
+) -> dict[str, Any] | None:
+    """The complete record of ``run_id`` in ``out_dir``, or None (absent, stub, truncated,
+    another run's, or made with other weights at the local path ``weights``, e.g. a backbone a
+    resumed pre-training rewrote): what a resumable sweep may skip."""
     path = Path(out_dir) / f"{run_id}.json"
     if not path.exists():
         return None
     try:
-        return load_record(path, run_id=run_id)
+        record = load_record(path, run_id=run_id)
     except DataError:
         return None
+    files = weights_fingerprint(weights)
+    if files is not None and record.get("weights_files") != files:
+        from clinadapt.progress import warn
+
+        warn(f"{path}: made with other weights than those now at {weights}; running it again")
+        return None
+    return record
 
 
 def read_records(runs_dir: str | Path) -> tuple[list[dict[str, Any]], dict[str, str]]:

@@ -31,6 +31,7 @@ from clinadapt.methods.budget import LabelledBudget
 from clinadapt.methods.trace import unchanged_warnings
 from clinadapt.methods.tta.protocol import order_stream, run_tta, source_method_for
 from clinadapt.models import load_model
+from clinadapt.models._weights import weights_fingerprint
 from clinadapt.models.base import FoundationModel
 from clinadapt.models.volume.base import check_spatial_dims
 from clinadapt.preflight import check_run, check_subgroup_keys
@@ -152,26 +153,6 @@ def _fit_key(
     if unlabelled:
         ident["unlabelled"] = {k: v.fingerprint() for k, v in sorted(unlabelled.items())}
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def weights_fingerprint(weights: str | None) -> str | None:
-    """A digest of the local weights file (or of every file of a weights folder) by path, size
-    and modification time in ns (a rewrite of the same size is seen however soon it comes);
-    None for hub weights, objects and paths that are not there."""
-    if not weights or weights.startswith("object:"):
-        return None
-    path = Path(weights).expanduser()
-    if path.is_file():
-        files = [path]
-    elif path.is_dir():
-        files = sorted(f for f in path.rglob("*") if f.is_file())
-    else:
-        return None
-    h = hashlib.sha256()
-    for f in files:
-        st = f.stat()
-        h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
 
 
 def _adaptive_temperature(cfg: RunConfig, model: ImageClassifier, task: str) -> dict | None:

@@ -104,7 +104,7 @@ def record_path(cfg: RunConfig) -> Path:
 def is_done(cfg: RunConfig) -> bool:
     """Whether ``cfg`` already has a complete record of its own (a stub, a truncated file or
     another run's record under its name does not count)."""
-    return existing_record(cfg.out_dir, cfg.run_id()) is not None
+    return existing_record(cfg.out_dir, cfg.run_id(), cfg.weights) is not None
 
 
 @dataclass

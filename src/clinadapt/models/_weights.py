@@ -8,6 +8,7 @@ instead of waiting through huggingface_hub's retries.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import socket
@@ -367,6 +368,26 @@ def loading_weights(weights: str | os.PathLike[str] | None, what: str) -> Iterat
         if weights is None:
             raise
         raise IncompatibleError(load_failure(weights, what, e)) from e
+
+
+def weights_fingerprint(weights: str | None) -> str | None:
+    """A digest of the local weights file (or of every file of a weights folder) by path, size
+    and modification time in ns (a rewrite of the same size is seen however soon it comes);
+    None for hub weights, objects and paths that are not there."""
+    if not weights or weights.startswith("object:"):
+        return None
+    path = Path(os.fspath(weights)).expanduser()
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(f for f in path.rglob("*") if f.is_file())
+    else:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
 
 
 def load_failure(path: str | os.PathLike[str], what: str, error: BaseException) -> str:
