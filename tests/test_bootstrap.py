@@ -233,3 +233,7 @@ def test_paired_bootstrap_resamples_both_models_together():
     assert all(v["low"] == v["high"] == 0 for v in same.values())
     with pytest.raises(ConfigError, match="differ in shape"):
         paired_bootstrap_ci(y, p, q[:, :2], names, 20)
+    with pytest.raises(ConfigError, match="alpha"):
+        paired_bootstrap_ci(y, p, q, names, 20, alpha=1.5)
+    with pytest.raises(ConfigError, match="group ids"):
+        paired_bootstrap_ci(y, p, q, names, 20, groups=groups[:5])

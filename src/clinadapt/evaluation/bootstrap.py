@@ -93,6 +93,15 @@ def percentile_ci(
     return out
 
 
+def _check_settings(n_boot: int, alpha: float, n: int, groups: np.ndarray | None) -> None:
+    if n_boot < 2:
+        raise ConfigError(f"bootstrap: n_boot must be >= 2, got {n_boot}")
+    if not 0.0 < alpha < 1.0:
+        raise ConfigError(f"bootstrap: alpha must be in (0, 1), got {alpha}")
+    if groups is not None and len(groups) != n:
+        raise ConfigError(f"bootstrap: {len(groups)} group ids for {n} predictions")
+
+
 def bootstrap_ci(
     labels: np.ndarray,
     probs: np.ndarray,
@@ -114,14 +123,9 @@ def bootstrap_ci(
     are computed for all resamples at once; or it is a function ``(labels, probs) -> {metric:
     value}`` for any other statistic, called once per resample on the resampled rows.
     """
-    if n_boot < 2:
-        raise ConfigError(f"bootstrap: n_boot must be >= 2, got {n_boot}")
-    if not 0.0 < alpha < 1.0:
-        raise ConfigError(f"bootstrap: alpha must be in (0, 1), got {alpha}")
     labels, probs = np.asarray(labels), np.asarray(probs)
     n = len(labels)
-    if groups is not None and len(groups) != n:
-        raise ConfigError(f"bootstrap: {len(groups)} group ids for {n} predictions")
+    _check_settings(n_boot, alpha, n, groups)
     rng = np.random.default_rng(seed)
     parts: dict[str, list] = {}
     if callable(statistic):
@@ -155,16 +159,13 @@ def paired_bootstrap_ci(
 ) -> dict[str, dict[str, float]]:
     """Percentile CIs of ``metric(probs) - metric(baseline)`` for two models' predictions of the
     same images, both evaluated on each resample (images, or patients when ``groups``)."""
-    if n_boot < 2:
-        raise ConfigError(f"bootstrap: n_boot must be >= 2, got {n_boot}")
     labels = np.asarray(labels)
     if np.shape(probs) != np.shape(baseline):
         raise ConfigError(
             f"bootstrap: paired predictions differ in shape, {np.shape(probs)} vs "
             f"{np.shape(baseline)}"
         )
-    if groups is not None and len(groups) != len(labels):
-        raise ConfigError(f"bootstrap: {len(groups)} group ids for {len(labels)} predictions")
+    _check_settings(n_boot, alpha, len(labels), groups)
     rng = np.random.default_rng(seed)
     parts: dict[str, list[np.ndarray]] = {m: [] for m in names}
     for w in iter_resample_weights(len(labels), n_boot, rng, groups):
