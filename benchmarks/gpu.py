@@ -141,6 +141,7 @@ def step_check(rec: Rec, work: Path) -> None:
             raise RuntimeError(f"torch {torch.__version__} sees no CUDA device")
         rec.fig("device", torch.cuda.get_device_name(0))
         rec.fig("bf16", torch.cuda.is_bf16_supported())
+        rec.fig("TF32 convolutions (cuDNN default)", torch.backends.cudnn.allow_tf32)
         free, total = torch.cuda.mem_get_info()
         rec.fig("memory GiB free/total", f"{free / 2**30:.0f}/{total / 2**30:.0f}")
     import clinadapt.runner  # the modules every run needs
@@ -378,9 +379,15 @@ def step_paths(rec: Rec, work: Path) -> None:
 
 
 def step_same(rec: Rec, work: Path) -> None:
-    """A model trained once (CPU), then evaluated and adapted on each device: same numbers."""
+    """A model trained once (CPU), then evaluated and adapted on each device: same numbers
+    (TF32 off for this check: cuDNN's default TF32 convolutions differ from fp32 by ~1e-3)."""
+    import torch
+
     from clinadapt.config import RunConfig
     from clinadapt.runner import run_experiment
+
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 
     common = dict(
         data_options={"patients_per_site": 20},
