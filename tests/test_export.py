@@ -250,3 +250,11 @@ def test_an_interrupted_export_leaves_nothing_that_looks_like_one(tmp_path, monk
     assert not any(".partial" in p.read_text(errors="ignore") for p in folder.iterdir())
     assert [p.name for p in folder.parent.iterdir()] == ["e"]
     assert oct(folder.stat().st_mode & 0o777) == oct((tmp_path / "exports").stat().st_mode & 0o777)
+
+
+def test_export_cli_prints_what_the_head_takes(tmp_path):
+    path, _ = _fit(tmp_path, "tiny-clip", None, method="zeroshot")
+    result = runner.invoke(app, ["export", str(path), "--out", str(tmp_path / "oc")])
+    assert result.exit_code == 0, result.output
+    expected = "head input: torch.nn.functional.normalize(model.encode_image(x), dim=-1)"
+    assert expected in result.stdout

@@ -780,6 +780,8 @@ def export(
     for file in meta["files"]:
         console.print(f"  {file}", soft_wrap=True)
     console.print(f"load with: {meta['load']}", soft_wrap=True)
+    if "features" in meta:  # the head sits beside the model: what it takes, as code
+        console.print(f"head input: {meta['features']}", soft_wrap=True)
 
 
 def _print_error(kind: str, message: str, as_json: bool) -> None:
