@@ -57,6 +57,45 @@ def test_bf16_autocast_is_what_the_context_runs():
         assert layer(torch.randn(2, 4)).dtype == torch.float32
 
 
+def test_weights_updated_inside_one_autocast_region_are_used():
+    """The runner holds one autocast region around fit, adaptation and prediction: a forward pass
+    after an optimiser step must see the new weights, not autocast's cached bf16 copy of the old."""
+    torch.manual_seed(0)
+    layer, x = torch.nn.Linear(4, 3), torch.randn(2, 4)
+    with Context(precision="bf16").autocast():
+        before = layer(x)
+        with torch.no_grad():
+            layer.weight.add_(1.0)
+        after = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a fresh region: the new weights
+        expected = layer(x)
+    assert torch.equal(after, expected) and not torch.equal(after, before)
+
+
+def test_training_inside_one_autocast_region_learns_as_in_fp32():
+    """Adam on a small regression inside one bf16 region reaches about the fp32 loss (with the
+    stale weight cache the loss stayed where it started)."""
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+        x = torch.randn(64, 8)
+        y = x[:, :1] * 2 - x[:, 1:2]
+        opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+        with Context(precision=precision).autocast():
+            first = None
+            for _ in range(60):
+                loss = torch.nn.functional.mse_loss(net(x).float(), y)
+                first = first if first is not None else loss.item()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        losses[precision] = (first, loss.item())
+    (f32_start, f32_end), (b16_start, b16_end) = losses["fp32"], losses["bf16"]
+    assert f32_end < 0.2 * f32_start
+    assert b16_end < 0.2 * b16_start and b16_end < 2 * f32_end + 0.05
+
+
 def test_feature_cache_key_follows_the_precision():
     from clinadapt.data import load_dataset
 

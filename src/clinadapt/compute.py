@@ -97,7 +97,11 @@ def autocast(device: str, precision: str) -> Iterator[None]:
         return
     import torch
 
-    with torch.autocast(device_type=device.split(":")[0], dtype=dtype):
+    # cache_enabled=False: autocast otherwise keeps the low-precision copy of each weight until
+    # the outermost autocast region exits, so a model trained inside one region (the runner wraps
+    # fit, adaptation and prediction in one) would go on computing with its initial weights after
+    # every optimiser step
+    with torch.autocast(device_type=device.split(":")[0], dtype=dtype, cache_enabled=False):
         yield
 
 
