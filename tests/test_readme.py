@@ -67,3 +67,19 @@ def test_readme_python_api_runs(tmp_path, monkeypatch):
     exec(compile(code, "README.md", "exec"), namespace)
     assert namespace["features"].shape == (8, namespace["model"].feature_dim)
     assert "shifted" in namespace["record"]["summary"]["balanced_accuracy"]
+    df = namespace["df"]  # load_records: one row per record x test set x metric
+    assert set(df.run_id) == {namespace["record"]["run_id"]}
+    assert len(namespace["auroc"]) == len(namespace["record"]["metrics"])
+
+
+def test_readme_report_figure_is_the_demos():
+    """The README shows a figure as the demo writes it: a small committed PNG whose name the
+    README gives as the demo's own figure file."""
+    from clinadapt.evaluation.report.figures import slug
+
+    text = README.read_text()
+    png = README.parent / "docs" / "demo-domain-shift.png"
+    assert "](docs/demo-domain-shift.png)" in text
+    assert png.read_bytes().startswith(b"\x89PNG") and png.stat().st_size < 100_000
+    demo_name = f"{slug('domain (source site-a)')}_balanced_accuracy_per-set.png"
+    assert f"clinadapt-demo/figures/{demo_name}" in text

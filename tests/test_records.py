@@ -79,7 +79,7 @@ def test_a_folder_with_bad_files_is_read_with_a_warning_per_file(one_run, tmp_pa
     err = capsys.readouterr().err
     assert "truncated.json" in err and "notes.json" in err and "warning" in err
     # the report is written from the good records, and says what it skipped on stderr
-    html = write_report(runs)
+    html = write_report(runs).html
     assert html.exists()
     assert "truncated.json" in capsys.readouterr().err
 
@@ -95,7 +95,7 @@ def test_unknown_metric_is_an_error_listing_the_known_ones(one_run):
 
 def test_bn_records_and_tables_say_what_changed(tmp_path):
     """bn trains nothing: 0 parameters and normalisation statistics, not the source's "full"."""
-    from clinadapt.evaluation.aggregate import condition_label
+    from clinadapt.evaluation.labels import condition_label
     from clinadapt.evaluation.report import results_table
 
     cfg = RunConfig(
@@ -110,7 +110,9 @@ def test_bn_records_and_tables_say_what_changed(tmp_path):
     assert record["target"]["total"] > 0
     assert record["target"]["changes"] == "normalisation statistics (per test batch)"
     assert record["source"]["target"]["spec"] == "full"  # the source model was fine-tuned
-    assert condition_label(record) == "bn (tiny-resnet, normalisation statistics (per test batch))"
+    assert condition_label(record) == (
+        "finetune → bn (tiny-resnet, normalisation statistics (per test batch))"
+    )
     _, rows = results_table([record])
     assert "normalisation statistics" in rows[0][0] and "full" not in rows[0][0]
     write_report(tmp_path)

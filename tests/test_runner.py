@@ -115,7 +115,7 @@ def test_run_record_contents_and_reuse(tmp_path):
     assert src["metrics"]["site-c"]["accuracy"] == pytest.approx(
         rec["metrics"]["site-c"]["accuracy"]
     )
-    html = write_report(tmp_path)
+    html = write_report(tmp_path).html
     assert html.exists() and "data:image/png;base64" in html.read_text()
     assert (tmp_path / "report.md").read_text().count("|") > 10
     assert len(list_records(tmp_path)) == 2

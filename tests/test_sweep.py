@@ -129,7 +129,7 @@ def test_sweep_interrupted_resumes_without_redoing_runs(tmp_path, monkeypatch):
     for key in ("config", "seed", "versions", "data", "timings", "metrics"):
         assert key in rec
     assert rec["data"]["fingerprint"]
-    html = write_report(out)
+    html = write_report(out).html
     assert html.exists() and (out / "report.md").exists() and (out / "results.csv").exists()
 
 

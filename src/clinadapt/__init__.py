@@ -50,6 +50,14 @@ def list_targets() -> list[str]:
     return TARGETS.names()
 
 
+def load_records(path, subgroups: bool = False):
+    """Result records as a pandas DataFrame: one row per record x test set x metric, with the
+    value, its bootstrap CI, n (images, patients) and the model, target, method, shift and seed."""
+    from clinadapt.evaluation.tidy import load_records as _load
+
+    return _load(path, subgroups=subgroups)
+
+
 def run(config=None, *, model=None, data=None, **overrides):
     """Run one experiment from a YAML path and/or field overrides; returns the result record.
 
@@ -79,5 +87,6 @@ __all__ = [
     "list_targets",
     "load_dataset",
     "load_model",
+    "load_records",
     "run",
 ]

@@ -538,7 +538,7 @@ def sweep(
     if with_report and (result.ran or result.skipped) and not _other_process():
         from clinadapt.evaluation.report import write_report
 
-        summary["report"] = str(write_report(spec.out_dir))
+        summary["report"] = str(write_report(spec.out_dir).html)
     if result.failed:
         message = (
             f"{len(result.failed)} of {result.total} runs failed (see failed/ in {spec.out_dir})"
@@ -563,21 +563,31 @@ def sweep(
 @app.command()
 def report(
     runs_dir: Annotated[Path, typer.Argument(help="directory of result records")],
-    metric: Annotated[str, typer.Option(help="metric for tables and plots")] = "balanced_accuracy",
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="directory for the report files (default: RUNS_DIR)"),
+    ] = None,
+    metric: Annotated[
+        str | None,
+        typer.Option(help="headline metric of tables and figures (default: the task's own)"),
+    ] = None,
     quiet: Quiet = False,
     as_json: AsJson = False,
 ) -> None:
-    """Write Markdown/CSV tables and an HTML report from a directory of result records."""
+    """Write an HTML and a Markdown report, results.csv and figures (PNG, SVG, PDF, CSV) from a
+    directory of result records; prints where each file went."""
     from clinadapt.evaluation.report import write_report
     from clinadapt.progress import set_quiet
 
     set_quiet(quiet or as_json)
 
-    path = write_report(runs_dir, metric=metric)
+    files = write_report(runs_dir, out_dir=out, metric=metric)
     if as_json:
-        print(json.dumps({"report": str(path)}))
-    else:
-        console.print("report:", _bold(path))
+        print(json.dumps(files.to_dict(), indent=2))
+        return
+    for what, path in files.all():
+        print(f"{what}: {path}")
+    print(f"report: {files.html}")
 
 
 @app.command()
@@ -603,7 +613,7 @@ def demo(
         "test-time adaptation"
     )
     records = [run_experiment(cfg) for cfg in demo_configs(out, seed)]
-    path = write_report(out)
+    path = write_report(out).html
     elapsed = clock.seconds()
     if as_json:
         print(

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from clinadapt.compute import DeviceField, PrecisionField
 from clinadapt.errors import ConfigError
@@ -178,6 +178,20 @@ class RunConfig(BaseModel):
         "depend on it",
     )
     out_dir: str = Field("clinadapt-runs", description="where result records are written")
+    tensorboard: bool = Field(
+        False,
+        description="also write TensorBoard events (history, TTA trace, metrics) under "
+        'out_dir/tensorboard/<run id>; needs pip install -e ".[tensorboard]"',
+    )
+
+    @field_validator("tensorboard")
+    @classmethod
+    def _tensorboard_installed(cls, v: bool) -> bool:
+        from clinadapt.evaluation.events import INSTALL_HINT, tensorboard_available
+
+        if v and not tensorboard_available():
+            raise ValueError(f"TensorBoard logging needs the tensorboard package: {INSTALL_HINT}")
+        return v
 
     @model_validator(mode="after")
     def _task_defaults(self) -> RunConfig:
@@ -204,9 +218,13 @@ class RunConfig(BaseModel):
     def identity(self) -> dict[str, Any]:
         """The fields that define the experiment (not where its results go or which device ran
         it). Fields added later are left out at their defaults, so earlier run ids still hold."""
-        exclude: set[str] = {"out_dir", "device", "loader_workers", "stream_executor"} | (
-            {"prompt"} if self.prompt is None else set()
-        )
+        exclude: set[str] = {
+            "out_dir",
+            "device",
+            "loader_workers",
+            "stream_executor",
+            "tensorboard",
+        } | ({"prompt"} if self.prompt is None else set())
         if self.precision == "fp32":
             exclude.add("precision")
         data = self.model_dump(exclude=exclude)

@@ -34,7 +34,7 @@ from clinadapt.record import (
     existing_record,
     versions,
 )
-from clinadapt.runner import build_classifier, target_record
+from clinadapt.runner import build_classifier, invocation, target_record, write_run_tables
 from clinadapt.shifts import ShiftSplit, apply_shift
 from clinadapt.targets import apply_target
 from clinadapt.tasks.base import Outcome, task_for
@@ -283,7 +283,9 @@ def _run_one(cfg: RunConfig, emb: _Embedded, compute: dict[str, Any]) -> dict[st
         timings={"fit_s": fit_s, "evaluate_s": evaluate_s},
         run_versions=emb.versions,
         compute=compute,
+        command=invocation(),
     ).to_dict()
+    write_run_tables(cfg.out_dir, record)
     task.write(cfg.out_dir, record, outcome)
     return record
 

@@ -7,6 +7,8 @@ import dataclasses
 import hashlib
 import json
 import os
+import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,9 @@ from clinadapt.data import load_dataset
 from clinadapt.data.base import ClinicalDataset
 from clinadapt.distributed import init as join_processes
 from clinadapt.distributed import world as process_world
-from clinadapt.errors import ConfigError, IncompatibleError
+from clinadapt.errors import ConfigError, DataError, IncompatibleError
+from clinadapt.evaluation.events import write_tensorboard
+from clinadapt.evaluation.tidy import run_tables
 from clinadapt.fitted import classifier_metadata, load_fitted
 from clinadapt.methods import METHODS, Context, FitMethod, Method, TTAMethod, predict_proba
 from clinadapt.methods.base import check_single_label
@@ -38,6 +42,7 @@ from clinadapt.preflight import check_run, check_subgroup_keys
 from clinadapt.progress import status, status_once, warn
 from clinadapt.record import build_record, summarise, versions
 from clinadapt.shifts import ShiftSplit, apply_shift
+from clinadapt.store import atomic_write_bytes, read_record, write_record
 from clinadapt.targets import (
     TargetInfo,
     apply_target,
@@ -45,6 +50,19 @@ from clinadapt.targets import (
     save_adapted,
 )
 from clinadapt.tasks.base import Outcome, task_for
+
+
+def invocation() -> str:
+    """The command line of this process, for the record's provenance."""
+    argv = list(sys.argv) or [""]
+    head = Path(argv[0])
+    if argv[0] in ("", "-c"):
+        prog = ["python", *([argv[0]] if argv[0] else [])]
+    elif head.name == "__main__.py":  # python -m package
+        prog = ["python", "-m", head.parent.name]
+    else:
+        prog = [head.name]
+    return shlex.join([*prog, *argv[1:]])
 
 
 def build_classifier(
@@ -163,6 +181,17 @@ def _adaptive_temperature(cfg: RunConfig, model: ImageClassifier, task: str) -> 
     return enable_adaptive_temperature(model, output=task != "multilabel").to_dict()
 
 
+def _fit_summary(path: Path) -> dict[str, Any]:
+    """The training summary saved beside a cached fit (history, best epoch), if readable."""
+    if not path.exists():
+        return {}
+    try:
+        return read_record(path)
+    except DataError as e:
+        warn(f"{e}; the reused fit's training history is left out")
+        return {}
+
+
 def fit_source(
     cfg: RunConfig,
     split: ShiftSplit,
@@ -201,7 +230,8 @@ def fit_source(
     if ckpt.exists():
         if _load_fit(method, model, ckpt, cfg.device):
             status_once(f"reusing trained model {ckpt.name}")
-            return model, info, {"reused": ckpt.name, "weights": weights}, budget
+            saved = _fit_summary(ckpt.with_suffix(".json"))
+            return model, info, {**saved, "reused": ckpt.name, "weights": weights}, budget
         # a damaged cache may have half-loaded: train from the same fresh start as always
         model = build_classifier(
             cfg, split.train.num_classes, split.train.class_names, encoder=ctx.encoder
@@ -218,6 +248,8 @@ def fit_source(
         save_adapted(model, ckpt, base=cfg.model, target=info, metadata=meta)
     summary["checkpoint"] = ckpt.name
     summary["weights"] = weights
+    if process_world().main:
+        write_record(ckpt.with_suffix(".json"), summary)
     return model, info, summary, budget
 
 
@@ -407,6 +439,12 @@ def target_record(info: TargetInfo, method: Method) -> dict[str, Any]:
     return {**info.to_dict(), "changes": f"the parameters of target {info.spec}"}
 
 
+def write_run_tables(out_dir: str | Path, record: dict[str, Any]) -> None:
+    """``<run_id>.history.csv`` and ``<run_id>.trace.csv`` next to the record, when it has them."""
+    for suffix, text in run_tables(record).items():
+        atomic_write_bytes(Path(out_dir) / f"{record['run_id']}.{suffix}", text.encode())
+
+
 def run_experiment(
     cfg: RunConfig,
     write: bool = True,
@@ -466,9 +504,13 @@ def run_experiment(
         timings=timings,
         compute=describe_compute(requested, device, cfg.precision)
         | ({"distributed": world.describe()} if world.active else {}),
+        command=invocation(),
     ).to_dict()
     if write and world.main:  # under torchrun only process 0 writes
+        write_run_tables(cfg.out_dir, record)
         task.write(cfg.out_dir, record, outcome)
+        if cfg.tensorboard:
+            write_tensorboard(Path(cfg.out_dir) / "tensorboard" / record["run_id"], record)
     return record
 
 

@@ -100,14 +100,22 @@ def write_run(
     record: dict[str, Any],
     probs: dict[str, np.ndarray],
     labels: dict[str, np.ndarray],
+    metadata: dict[str, dict[str, np.ndarray]] | None = None,
 ) -> Path:
-    """Write a run's predictions, then its record (so a record always has its predictions)."""
+    """Write a run's predictions (with per-image ``metadata`` such as patient ids, when given),
+    then its record (so a record always has its predictions)."""
     out = Path(out_dir)
     run_id = record["run_id"]
+    meta = {
+        f"meta/{name}/{key}": np.asarray(values).astype(str)
+        for name, columns in (metadata or {}).items()
+        for key, values in columns.items()
+    }
     write_arrays(
         out / "predictions" / f"{run_id}.npz",
         **{f"probs/{k}": v for k, v in probs.items()},
         **{f"labels/{k}": v for k, v in labels.items()},
+        **meta,
     )
     return write_record(out / f"{run_id}.json", record)
 

@@ -53,10 +53,12 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluate one test set.
 
-    Returns ``metrics`` (flat headline metrics), ``subgroups`` (per metadata key: groups, worst,
-    gap), ``ci`` (percentile bootstrap of ``ci_metrics``, default every headline metric, by
-    patient when ``metadata`` has ``patient_id``; ``n_boot=0`` skips it), ``selective`` (AURC
-    and the coverage at ``target_error``) and, for binary tasks, ``operating_point``: at ``threshold``, or else at the threshold that
+    Returns ``metrics`` (flat headline metrics), ``counts`` (images and distinct patients),
+    ``subgroups`` (per metadata key: groups, worst, gap), ``ci`` (percentile bootstrap of
+    ``ci_metrics``, default every headline metric, by patient when ``metadata`` has
+    ``patient_id``; ``n_boot=0`` skips it), ``selective`` (AURC and the coverage at
+    ``target_error``) and, for binary tasks, ``operating_point``: at ``threshold``, or else at
+    the threshold that
     reaches ``target_sensitivity`` on ``val`` = (labels, probs), or else at 0.5. The headline
     ``metrics.sensitivity``/``specificity`` are those of the operating point; the values at 0.5
     are ``sensitivity_at_0.5``/``specificity_at_0.5``.
@@ -73,6 +75,11 @@ def evaluate(
     at = op["threshold"] if op is not None else None
     names = ci_metrics or headline_names(task, probs.shape[1], at is not None)
     stat = partial(headline, task=task, names=names, threshold=at)
+    patients = metadata.get("patient_id")
+    out["counts"] = {
+        "images": len(labels),
+        "patients": None if patients is None else len(np.unique(np.asarray(patients))),
+    }
     out["subgroups"] = subgroup_metrics(labels, probs, metadata, stat, subgroup_keys)
     if n_boot:
         groups = metadata.get("patient_id")

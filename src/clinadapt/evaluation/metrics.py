@@ -16,6 +16,7 @@ from clinadapt.errors import DataError
 # Sensitivity and specificity at the fixed threshold 0.5, named so: the headline ``sensitivity``
 # and ``specificity`` are at the operating point chosen on validation (see ``evaluate``).
 AT_HALF = {"sensitivity": "sensitivity_at_0.5", "specificity": "specificity_at_0.5"}
+ECE_BINS = 15  # Guo et al. (2017); the reliability diagrams use the same bins
 
 
 def _check(labels: np.ndarray, probs: np.ndarray, task: str) -> tuple[np.ndarray, np.ndarray]:
@@ -100,7 +101,7 @@ def auroc(labels: np.ndarray, probs: np.ndarray, task: str = "multiclass") -> fl
     return float(np.mean(per)) if per else math.nan
 
 
-def confidence_bins(conf: np.ndarray, n_bins: int = 15) -> np.ndarray:
+def confidence_bins(conf: np.ndarray, n_bins: int = ECE_BINS) -> np.ndarray:
     """The equal-width bin of each confidence: bin i holds (i/n, (i+1)/n], the first also 0.
 
     A confidence above 1 (rounding) gets ``n_bins``, outside every bin.
@@ -109,7 +110,9 @@ def confidence_bins(conf: np.ndarray, n_bins: int = 15) -> np.ndarray:
     return np.maximum(np.searchsorted(edges, conf, side="left") - 1, 0)
 
 
-def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, n_bins: int = 15) -> float:
+def expected_calibration_error(
+    labels: np.ndarray, probs: np.ndarray, n_bins: int = ECE_BINS
+) -> float:
     """Top-label ECE with equal-width confidence bins (Guo et al., 2017; 15 bins)."""
     conf = probs.max(1)
     correct = (np.argmax(probs, 1) == labels).astype(np.float64)
@@ -120,7 +123,7 @@ def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, n_bins: in
 
 
 def reliability_bins(
-    labels: np.ndarray, probs: np.ndarray, n_bins: int = 15
+    labels: np.ndarray, probs: np.ndarray, n_bins: int = ECE_BINS
 ) -> dict[str, np.ndarray]:
     """Per equal-width confidence bin: mean confidence, accuracy and count (for diagrams)."""
     conf = probs.max(1)

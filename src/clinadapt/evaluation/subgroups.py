@@ -7,16 +7,14 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from clinadapt.evaluation.metric_info import metric_info
+
 SUBGROUP_KEYS = ("domain", "scanner", "sex", "age_group")
-# Metrics where smaller is better; per-class names ("hd95/lesion") go by their prefix.
-LOWER_IS_BETTER = frozenset(
-    {"ece", "nll", "brier", "aurc", "hd95", "hd95_missing", "false_detection"}
-)
 
 
 def lower_is_better(metric: str) -> bool:
     """Whether a smaller value of ``metric`` is better (``hd95/lesion`` as ``hd95``)."""
-    return metric.split("/", 1)[0] in LOWER_IS_BETTER
+    return not metric_info(metric).higher_is_better
 
 
 def subgroup_metrics(
@@ -54,8 +52,7 @@ def subgroup_metrics(
             }
             if not vals:
                 continue
-            pick = max if lower_is_better(metric) else min
-            w = pick(vals, key=vals.get)
+            w = metric_info(metric).worst(vals)
             worst[metric] = {"group": w, "value": vals[w]}
             gap[metric] = float(max(vals.values()) - min(vals.values()))
         out[key] = {"groups": groups, "worst": worst, "gap": gap}

@@ -22,6 +22,7 @@ class ClassificationTask(Task):
     headline = "balanced_accuracy"
     # a test-time run also holds, per set, its unadapted source's metrics and the change
     evaluation_parts = (
+        "counts",
         "subgroups",
         "ci",
         "selective",
@@ -86,4 +87,8 @@ class ClassificationTask(Task):
     def write(self, out_dir: str, record: dict[str, Any], outcome: Outcome) -> None:
         from clinadapt.store import write_run
 
-        write_run(out_dir, record, outcome.predictions["probs"], outcome.predictions["labels"])
+        p = outcome.predictions
+        # per-image patient ids and subgroup keys, so a report can resample patients jointly
+        keep = {"patient_id", *record["config"].get("evaluation", {}).get("subgroup_keys", [])}
+        meta = {n: {k: v for k, v in m.items() if k in keep} for n, m in p["meta"].items()}
+        write_run(out_dir, record, p["probs"], p["labels"], meta)
