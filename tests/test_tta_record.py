@@ -46,7 +46,10 @@ def test_stream_batch_size_is_its_own_field_and_reuses_the_source_fit(tmp_path):
     a = run_experiment(RunConfig(**common), write=False)
     b = run_experiment(RunConfig(stream_batch_size=8, **common), write=False)
     trained = a["source"]["training"]["checkpoint"]
-    assert b["source"]["training"] == {"reused": trained, "weights": f"cache/{trained}"}
+    reused = b["source"]["training"]
+    assert (reused["reused"], reused["weights"]) == (trained, f"cache/{trained}")
+    # the fit's summary is kept beside the cached model: a reused source still has its history
+    assert reused["history"] == a["source"]["training"]["history"]
     assert (a["tta"]["stream_batch_size"], b["tta"]["stream_batch_size"]) == (32, 8)
     for name, n in b["tta"]["stream_sizes"].items():
         assert b["tta"]["trace"][name]["size"] == [8] * (n // 8) + ([n % 8] if n % 8 else [])
