@@ -21,6 +21,7 @@ from clinadapt.errors import DataError
 from clinadapt.evaluation.labels import condition_label, shift_label, target_spec
 from clinadapt.evaluation.metric_info import metric_info
 from clinadapt.evaluation.metrics import AT_HALF
+from clinadapt.evaluation.replicates import AT_THRESHOLD, SELECTIVE
 from clinadapt.record import load_record, read_records
 from clinadapt.shifts.corruption import parse_set_name
 
@@ -54,9 +55,9 @@ COLUMNS = (
     "higher_is_better",
     "setting",
 )
-# record parts that hold one number per test set and metric besides ``metrics``
-SELECTIVE = ("aurc", "coverage_at_target")
-OPERATING_POINT = ("sensitivity", "specificity", "ppv", "npv")  # at the operating point
+# record parts that hold one number per test set and metric besides ``metrics``: selective
+# prediction, and the binary operating point (sensitivity, specificity, PPV, NPV)
+OPERATING_POINT = AT_THRESHOLD
 
 
 AT_HALF_SETTING = {name: "threshold 0.5" for name in AT_HALF.values()}
