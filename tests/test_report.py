@@ -400,3 +400,43 @@ def test_tta_trace_panel_draws_the_records_trace(tiny_runs, tmp_path):
         (64, 0.2, 1),
     ]
     assert {r["condition"] for r in rows} == {"finetune → tent (norm)"}
+
+
+def test_segmentation_and_classification_sections_each_show_their_tasks_metric(tiny_runs, tmp_path):
+    """Without --metric each section shows its task's headline metric (segmentation: Dice on the
+    images whose reference holds the class); before, a report of segmentation runs failed with
+    "unknown metric 'balanced_accuracy'"."""
+    from clinadapt.config import load_config
+    from clinadapt.runner import run_experiment
+
+    out = tmp_path / "runs"
+    shutil.copytree(tiny_runs["single"][0], out)
+    seg = run_experiment(
+        load_config(
+            None,
+            method="seg-zeroshot",
+            out_dir=str(out),
+            shift="domain",
+            shift_options={"source": "site-a", "target_split": "test"},
+            data_options={"patients_per_site": 8},
+            evaluation={"n_boot": 10},
+        )
+    )
+    files = write_report(out, tmp_path / "report")
+    names = [f.name for f in files.figures]
+    assert "clinical-shift-seg-domain-source-site-a_dice_present_per-set" in names
+    assert "clinical-shift-domain-source-site-a_balanced_accuracy_per-set" in names
+    rows = figure_data(files, "clinical-shift-seg-domain-source-site-a_dice_present_per-set")
+    for row in rows:
+        if row["x"] in seg["ci"]:
+            ci = seg["ci"][row["x"]]["dice_present"]
+            assert num(row["value"]) == pytest.approx(seg["metrics"][row["x"]]["dice_present"])
+            assert (num(row["ci_low"]), num(row["ci_high"])) == pytest.approx(
+                (ci["low"], ci["high"])
+            )
+            assert num(row["n_images"]) == seg["counts"][row["x"]]["images"]
+    md = files.markdown.read_text()
+    assert "Dice (reference present) of each run" in md and "balanced accuracy of each run" in md
+    # an asked metric that only the segmentation records hold still makes a report
+    only_seg = write_report(out, tmp_path / "dice", metric="dice")
+    assert any(f.name.endswith("_dice_per-set") for f in only_seg.figures)

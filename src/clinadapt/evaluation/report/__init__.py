@@ -17,7 +17,7 @@ from typing import Any
 from clinadapt.errors import DataError
 from clinadapt.evaluation.report import calibration as _calibration  # noqa: F401  (registers panels)
 from clinadapt.evaluation.report.conditions import Condition, group_conditions
-from clinadapt.evaluation.report.data import Block, ReportData, Table
+from clinadapt.evaluation.report.data import DEFAULT_METRICS, Block, ReportData, Table
 from clinadapt.evaluation.report.figures import FORMATS, Figure
 from clinadapt.evaluation.report.panels import PANELS, panels_for, register_panel
 from clinadapt.evaluation.report.provenance import condition_configs, data_table, versions_table
@@ -25,14 +25,6 @@ from clinadapt.evaluation.report.render import Page, markdown_table, render_html
 from clinadapt.evaluation.report.tables import conditions_table, results_table
 from clinadapt.record import check_metric, read_records
 from clinadapt.store import atomic_write_bytes, list_records
-
-# the metric of the tables and figures when none is asked for, by task (first one present)
-DEFAULT_METRICS = {
-    "multiclass": ("balanced_accuracy", "accuracy"),
-    "binary": ("balanced_accuracy", "auroc"),
-    "multilabel": ("auroc", "accuracy"),
-    "segmentation": ("dice",),
-}
 
 
 @dataclass
@@ -69,18 +61,13 @@ class ReportFiles:
 
 
 def choose_metric(metric: str | None, data: ReportData) -> str:
-    """The asked metric if the records hold it (else a clear error), or the task's default."""
-    available = data.metrics()
+    """The asked metric if the records hold it (else a clear error), or the first section's
+    default (each section shows its own task's, :meth:`ReportData.metric_for`)."""
     if metric is not None:
-        if metric not in available:
+        if metric not in data.metrics():
             check_metric(data.records, metric)  # an error listing the metrics the records hold
         return metric
-    tasks = [c.task for c in data.conditions]
-    for task in dict.fromkeys(tasks):
-        for m in DEFAULT_METRICS.get(task, ()):
-            if m in available:
-                return m
-    return sorted(available)[0]
+    return data.metric_for(next(iter(data.sections.values()), []))
 
 
 def _evaluation_settings(records: list[dict[str, Any]]) -> tuple[int, float]:
@@ -94,12 +81,20 @@ def build_page(data: ReportData, runs_dir: Path) -> Page:
     from clinadapt import __version__
 
     n = len(data.records)
-    info = data.info(data.metric)
+    by_metric: dict[str, list[Condition]] = {}  # each section's headline metric, in order
+    for conds in data.sections.values():
+        by_metric.setdefault(data.metric_for(conds), []).extend(conds)
+    headline = "; ".join(
+        f"{data.info(m).label} ({'higher' if data.info(m).higher_is_better else 'lower'} is "
+        f"better)"
+        + (f" for {', '.join(sorted({c.task for c in cs}))}" if len(by_metric) > 1 else "")
+        for m, cs in by_metric.items()
+    )
     page = Page(
         "clinadapt report",
         [
             f"{n} runs in {len(data.conditions)} conditions from {runs_dir.name}/; headline metric "
-            f"{info.label} ({'higher' if info.higher_is_better else 'lower'} is better). "
+            f"{headline}. "
             f"Written {datetime.now(UTC).isoformat(timespec='seconds')} by clinadapt {__version__}.",
             "Every number comes with its 95% confidence interval in brackets and with n, the images "
             "and patients it rests on. With one seed the interval is the patient bootstrap of the "
@@ -117,18 +112,18 @@ def build_page(data: ReportData, runs_dir: Path) -> Page:
             if block is not None:
                 blocks.append(block)
         page.sections.append((section, blocks))
-    header, rows = results_table(data.records, data.metric, ci=True, maker=data.cells)
-    runs = Block(
-        "",
-        [
+    runs = Block("")
+    for metric, conds in by_metric.items():
+        records = [r for c in conds for r in c.records]
+        header, rows = results_table(records, metric, ci=True, maker=data.cells)
+        runs.tables.append(
             Table(
-                f"{info.label} of each run",
+                f"{data.info(metric).label} of each run",
                 header,
                 rows,
                 "Severity means and the shifted mean of one run: patient bootstrap over its sets.",
             )
-        ],
-    )
+        )
     page.sections.append(("runs", [runs]))
     page.sections.append(
         ("provenance", [Block("", [versions_table(data.records), data_table(data.records)])])

@@ -49,11 +49,12 @@ def clinical(data: ReportData, section: str, conds: list[Condition]) -> Block | 
         columns.append(("AURC", {"metric": "aurc"}))
     if "coverage_at_target" in available:
         columns.append((f"coverage at error ≤ {target}", {"metric": "coverage_at_target"}))
+    metric = data.metric_for(conds)
     for key in subgroup_keys(conds):
         columns.append(
             (
-                f"{data.info(data.metric).label} gap by {key.replace('_', ' ')}",
-                {"metric": data.metric, "gap_key": key},
+                f"{data.info(metric).label} gap by {key.replace('_', ' ')}",
+                {"metric": metric, "gap_key": key},
             )
         )
     if not columns:

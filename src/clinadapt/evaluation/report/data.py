@@ -17,6 +17,15 @@ from clinadapt.evaluation.report.style import Style, assign_styles
 from clinadapt.evaluation.tidy import records_frame
 from clinadapt.shifts.corruption import parse_set_name
 
+# a section's headline metric when none is asked for, by the data's task (first one present;
+# then the task's own headline, tasks.base.Task.headline)
+DEFAULT_METRICS = {
+    "multiclass": ("balanced_accuracy", "accuracy"),
+    "binary": ("balanced_accuracy", "auroc"),
+    "multilabel": ("auroc", "accuracy"),
+    "segmentation": ("dice_present", "dice"),
+}
+
 
 @dataclass
 class Table:
@@ -56,6 +65,7 @@ class ReportData:
     ) -> None:
         self.runs_dir = runs_dir
         self.records = records
+        self.asked = metric  # the metric asked for ("" when none: each section its task's own)
         self.metric = metric
         self.conditions: list[Condition] = group_conditions(records)
         self.frame: pd.DataFrame = records_frame(records, subgroups=True)
@@ -70,6 +80,20 @@ class ReportData:
     def info(self, metric: str) -> MetricInfo:
         declared = next((r.get("metric_info") for r in self.records if r.get("metric_info")), None)
         return metric_info(metric, declared)
+
+    def metric_for(self, conds: list[Condition]) -> str:
+        """The headline metric of a section: the one asked for, else its task's default (the
+        first of :data:`DEFAULT_METRICS` the records hold, else the task's headline)."""
+        from clinadapt.tasks.base import headline_metric
+
+        if self.asked:
+            return self.asked
+        available = self.metrics(conds)
+        task = conds[0].task if conds else ""
+        for m in (*DEFAULT_METRICS.get(task, ()), headline_metric([c.first for c in conds])):
+            if m in available:
+                return m
+        return sorted(available)[0] if available else self.metric
 
     def metrics(self, conds: list[Condition] | None = None) -> set[str]:
         """Metrics the records of ``conds`` (default: all) hold for whole test sets."""

@@ -117,7 +117,7 @@ def _column_title(col: Column) -> str:
 
 @register_panel("per-set", 10, help="the chosen metric per test set or severity, with CIs and n")
 def per_set(data: ReportData, section: str, conds: list[Condition]) -> Block | None:
-    metric = data.metric
+    metric = data.metric_for(conds)
     if metric not in data.metrics(conds):
         return None
     info = data.info(metric)
@@ -171,7 +171,8 @@ def _worst_set(c: Condition, col: Column, metric: str, info) -> str:
 def set_bars(
     data: ReportData, section: str, conds: list[Condition], cols: list[Column]
 ) -> Figure | None:
-    metric, info = data.metric, data.info(data.metric)
+    metric = data.metric_for(conds)
+    info = data.info(metric)
     shown = [col for col in cols if col.name not in ("worst",)]
     if not shown:
         return None
@@ -200,7 +201,7 @@ def set_bars(
 def severity_figure(data: ReportData, section: str, conds: list[Condition]) -> Figure | None:
     """``metric`` against corruption severity (0 = the clean in-domain set): the mean over
     corruptions, then one panel per corruption; only the severities that ran are drawn."""
-    metric = data.metric
+    metric = data.metric_for(conds)
     info = data.info(metric)
     names: list[str] = []
     sevs: set[int] = set()
@@ -343,10 +344,10 @@ def subgroup_keys(conds: list[Condition]) -> dict[str, list[str]]:
     return {k: sorted(v) for k, v in keys.items()}
 
 
-@register_panel("subgroups", 40, CLASSIFICATION, help="the metric per patient subgroup, with CIs")
+@register_panel("subgroups", 40, help="the metric per patient subgroup, with CIs")
 def subgroups(data: ReportData, section: str, conds: list[Condition]) -> Block | None:
     keys = subgroup_keys(conds)
-    metric = data.metric
+    metric = data.metric_for(conds)
     has = data.frame[(data.frame["subgroup_key"].notna()) & (data.frame["metric"] == metric)]
     if not keys or has.empty:
         return None

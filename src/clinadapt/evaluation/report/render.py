@@ -43,6 +43,11 @@ def _numeric(text: str) -> bool:
     return text == "-" or (bool(text) and (text[0].isdigit() or text[0] in "+−"))
 
 
+def _titled(t: Table, section: str, block: Block) -> bool:
+    """Whether a table's title says more than the headings above it."""
+    return bool(t.title) and t.title not in (section, block.heading)
+
+
 def html_table(t: Table) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in t.header)
     body = []
@@ -74,7 +79,10 @@ def render_html(page: Page, base: Path) -> str:
             if b.heading:
                 body.append(f"<h3>{html.escape(b.heading)}</h3>")
             body += [f'<p class="note">{html.escape(n)}</p>' for n in b.notes]
-            body += [html_table(t) for t in b.tables]
+            for t in b.tables:
+                if _titled(t, heading, b):
+                    body.append(f"<h4>{html.escape(t.title)}</h4>")
+                body.append(html_table(t))
             body += [html_figure(f, base) for f in b.figures]
         if heading == "provenance":
             for label, runs, text in page.configs:
@@ -110,6 +118,8 @@ def render_markdown(page: Page, base: Path) -> str:
                 out.append(f"### {b.heading}\n")
             out += [f"{n}\n" for n in b.notes]
             for t in b.tables:
+                if _titled(t, heading, b):
+                    out.append(f"**{t.title}**\n")
                 out.append(markdown_table(t.header, t.rows) + "\n")
                 if t.note:
                     out.append(f"{t.note}\n")
