@@ -252,3 +252,18 @@ def test_trace_csv_next_to_a_tta_record(tiny_runs):
         assert [int(r["position"]) for r in mine] == cols["position"]
         assert [float(r["entropy"]) for r in mine] == pytest.approx(cols["entropy"])
     assert not (out / f"{records[0]['run_id']}.trace.csv").exists()  # a fit run has none
+
+
+def test_nested_parts_of_a_set_or_group_are_not_metric_rows(tiny_runs):
+    """A per-class dict inside a set's metrics or a subgroup is not a row of NaN."""
+    import copy
+
+    from clinadapt.evaluation.tidy import records_frame
+
+    _, records = tiny_runs["single"]
+    r = copy.deepcopy(records[0])
+    r["metrics"]["site-b"]["per_class"] = {"a": 0.5}
+    r["subgroups"]["site-b"]["sex"]["groups"]["F"]["per_class"] = {"a": 0.5}
+    df = records_frame([r], subgroups=True)
+    assert "per_class" not in set(df.metric)
+    assert df[df.subgroup_key.notna()].value.notna().any()

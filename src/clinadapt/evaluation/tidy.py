@@ -68,6 +68,11 @@ def is_run_record(record: Any) -> bool:
     return isinstance(record, dict) and "metrics" in record and "config" in record
 
 
+def _is_number(x: Any) -> bool:
+    """A metric value (None: undefined), not a nested part such as a per-class dict."""
+    return x is None or (isinstance(x, (int, float)) and not isinstance(x, bool))
+
+
 def _num(x: Any) -> float:
     if x is None or isinstance(x, bool):
         return math.nan
@@ -154,7 +159,7 @@ def record_rows(record: dict[str, Any], subgroups: bool = False) -> list[dict[st
         op = (record.get("operating_point") or {}).get(name) or {}
         rule = operating_rule(op) if op else None
         for metric, value in metrics.items():
-            if metric != "n" and (value is None or isinstance(value, (int, float))):
+            if metric != "n" and _is_number(value):
                 setting = rule if metric in OPERATING_POINT else AT_HALF_SETTING.get(metric)
                 rows.append(
                     _row(base, metric, value, ci_set.get(metric), ci_meta, declared, setting)
@@ -189,7 +194,7 @@ def _subgroup_rows(
             cis = values.get("ci") or {}
             counts = {"n_images": _num(values.get("n")), "n_patients": _num(values.get("patients"))}
             for metric, value in values.items():
-                if metric in ("n", "patients", "ci"):
+                if metric in ("n", "patients", "ci") or not _is_number(value):
                     continue
                 row = _row({**base, **counts}, metric, value, cis.get(metric), ci_meta, declared)
                 row.update(subgroup_key=key, subgroup=str(group))
