@@ -10,7 +10,7 @@ from typing import Any
 from clinadapt.evaluation.labels import method_chain, shift_label, target_label
 
 # config fields that say where or how fast a run went, not what it measured
-NOT_IDENTITY = ("seed", "out_dir", "device", "tensorboard")
+NOT_IDENTITY = ("seed", "out_dir", "device", "tensorboard", "loader_workers", "stream_executor")
 
 
 def identity(record: dict[str, Any]) -> dict[str, Any]:
