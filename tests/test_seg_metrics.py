@@ -236,3 +236,14 @@ def test_against_source_pairs_the_same_images():
     (d,) = [d for d in out["degraded"] if d["metric"] == "dice"]
     assert d["set"] == "t" and d["significant"]
     assert out["source_metrics"]["dice"] == 1.0
+
+
+def test_metric_changes_skips_what_either_model_lacks():
+    from clinadapt.evaluation.compare import metric_changes
+
+    out = metric_changes(
+        {"dice": 0.5, "hd95": float("nan"), "nsd": 0.7},
+        {"dice": 0.75, "hd95": 3.0},
+        ["dice", "hd95", "nsd"],
+    )
+    assert out == {"dice": {"source": 0.75, "adapted": 0.5, "change": -0.25}}

@@ -36,12 +36,7 @@ def change_vs_source(
     """Per metric ``{source, adapted, change}`` (change = adapted - source); for the
     :data:`FLAGGED` metrics also ``low``/``high``, the percentile CI of the change from paired
     bootstrap resamples (the same images, or patients when ``groups``, for both models)."""
-    out: dict[str, dict[str, Any]] = {}
-    for m in COMPARED:
-        a, s = adapted_metrics.get(m), source_metrics.get(m)
-        if a is None or s is None or not (math.isfinite(a) and math.isfinite(s)):
-            continue
-        out[m] = {"source": float(s), "adapted": float(a), "change": float(a) - float(s)}
+    out = metric_changes(adapted_metrics, source_metrics, COMPARED)
     flagged = [m for m in FLAGGED if m in out]
     if n_boot and flagged:
         ci = paired_bootstrap_ci(
@@ -49,6 +44,19 @@ def change_vs_source(
         )
         for m in flagged:
             out[m]["low"], out[m]["high"] = ci[m]["low"], ci[m]["high"]
+    return out
+
+
+def metric_changes(
+    adapted_metrics: Mapping[str, float], source_metrics: Mapping[str, float], names: Any
+) -> dict[str, dict[str, Any]]:
+    """Per metric of ``names`` finite in both: ``{source, adapted, change}`` (adapted - source)."""
+    out: dict[str, dict[str, Any]] = {}
+    for m in names:
+        a, s = adapted_metrics.get(m), source_metrics.get(m)
+        if a is None or s is None or not (math.isfinite(a) and math.isfinite(s)):
+            continue
+        out[m] = {"source": float(s), "adapted": float(a), "change": float(a) - float(s)}
     return out
 
 

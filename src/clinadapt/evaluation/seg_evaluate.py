@@ -101,15 +101,10 @@ def against_source(
     ``source_metrics``, ``vs_source`` (per metric source, adapted, change; for the flagged ones
     the percentile CI of the change from paired bootstrap resamples of patients, or images) and
     ``degraded`` (the flagged metrics that ended below the source)."""
-    from clinadapt.evaluation.compare import degradations
+    from clinadapt.evaluation.compare import degradations, metric_changes
 
-    src, ada = summarise_table(source), summarise_table(adapted)
-    vs: dict[str, dict[str, Any]] = {}
-    for m in SEG_COMPARED:
-        a, b = ada.get(m), src.get(m)
-        if a is None or b is None or not (np.isfinite(a) and np.isfinite(b)):
-            continue
-        vs[m] = {"source": float(b), "adapted": float(a), "change": float(a) - float(b)}
+    src = summarise_table(source)
+    vs = metric_changes(summarise_table(adapted), src, SEG_COMPARED)
     flagged = [m for m in SEG_FLAGGED if m in vs]
     if n_boot and flagged:
         rows = np.arange(len(adapted))
