@@ -146,3 +146,12 @@ def test_fewshot_refuses_an_unknown_metric_before_it_runs(tmp_path, capsys, monk
     code, _, err = _fail(args, capsys, monkeypatch)
     assert code == 2 and "did you mean 'balanced_accuracy'?" in err
     assert not out.exists()  # nothing embedded, nothing written
+
+
+def test_demo_with_a_file_as_out_prints_only_the_error(tmp_path, capsys, monkeypatch):
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("not a folder")
+    code, _, err = _fail(["demo", "--out", str(a_file)], capsys, monkeypatch)
+    assert code == 2 and err.strip().splitlines() == [
+        f"error: --out {str(a_file)!r} is a file, not a folder; choose a folder"
+    ]

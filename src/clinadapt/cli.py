@@ -602,11 +602,13 @@ def demo(
     """The whole loop offline: train on one site, shift to the others, test-time adapt, report."""
     from clinadapt.demo import Stopwatch, demo_configs
     from clinadapt.evaluation.report import write_report
+    from clinadapt.preflight import check_out_dir
     from clinadapt.progress import set_quiet, status
     from clinadapt.runner import run_experiment
 
     clock = Stopwatch()  # counts from the start of the command, imports included
     set_quiet(quiet or as_json)
+    check_out_dir(out)  # a bad --out is the only line printed, before the banner
     status(
         "clinadapt demo: built-in clinical-shift data (4 simulated sites), a tiny ResNet trained "
         "on site-a, tested on every site and on X-ray acquisition artefacts, with and without "
