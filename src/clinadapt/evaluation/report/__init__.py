@@ -16,6 +16,7 @@ from typing import Any
 
 from clinadapt.errors import DataError
 from clinadapt.evaluation.report import calibration as _calibration  # noqa: F401  (registers panels)
+from clinadapt.evaluation.report import segmentation as _segmentation  # noqa: F401  (panels, CIs)
 from clinadapt.evaluation.report.conditions import Condition, group_conditions
 from clinadapt.evaluation.report.data import DEFAULT_METRICS, Block, ReportData, Table
 from clinadapt.evaluation.report.figures import FORMATS, Figure

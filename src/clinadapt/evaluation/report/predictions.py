@@ -11,13 +11,18 @@ import numpy as np
 
 @dataclass(frozen=True)
 class SetPredictions:
-    """One test set of one run: labels, probabilities and per-image metadata (stream order)."""
+    """One test set of one run: labels and probabilities (classification) or the per-image
+    score table (segmentation: ``tables[field]``, see ``seg_metrics.table_from_arrays``), and
+    per-image metadata (stream order)."""
 
     labels: np.ndarray
     probs: np.ndarray
     meta: dict[str, np.ndarray] = field(default_factory=dict)
+    tables: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
+        if self.tables:
+            return len(next(iter(self.tables.values())))
         return len(self.labels)
 
     @property
@@ -30,15 +35,20 @@ def read_predictions(path: Path) -> dict[str, SetPredictions]:
     with np.load(path) as z:
         files = set(z.files)
         out = {}
+
+        def under(prefix: str) -> dict[str, np.ndarray]:
+            return {k[len(prefix) :]: z[k] for k in files if k.startswith(prefix)}
+
         for key in sorted(files):
-            if not key.startswith("probs/"):
-                continue
-            name = key.split("/", 1)[1]
-            if f"labels/{name}" not in files:
-                continue
-            prefix = f"meta/{name}/"
-            meta = {k[len(prefix) :]: z[k] for k in files if k.startswith(prefix)}
-            out[name] = SetPredictions(z[f"labels/{name}"], z[key], meta)
+            if key.startswith("probs/"):
+                name = key.split("/", 1)[1]
+                if f"labels/{name}" in files:
+                    out[name] = SetPredictions(z[f"labels/{name}"], z[key], under(f"meta/{name}/"))
+            elif key.startswith("table/") and key.endswith("/dice"):  # a segmentation set
+                name = key[len("table/") : -len("/dice")]
+                out[name] = SetPredictions(
+                    np.zeros(0), np.zeros((0, 0)), under(f"meta/{name}/"), under(f"table/{name}/")
+                )
         return out
 
 
