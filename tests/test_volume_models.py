@@ -93,7 +93,9 @@ def test_network_equals_the_authors_implementation(arch):
     model.eval()
     with torch.no_grad():
         out = dec(model.features(ref["input"]), ref["input"])
-    torch.testing.assert_close(out, ref["output"], atol=1e-5, rtol=1e-5)
+    # float32 3D convolutions summed in another order (thread count, CPU kernel) move single
+    # outputs by about 1e-5; a wrong layer or weight mapping moves them by orders more
+    torch.testing.assert_close(out, ref["output"], atol=5e-5, rtol=1e-4)
 
 
 def test_rotary_embedding_of_primus_is_timms_1_0_22_formula():
