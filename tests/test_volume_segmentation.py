@@ -182,3 +182,30 @@ def test_3d_artefacts_shift_segmentation_volumes_and_keep_their_label_volumes(tm
         )
     )
     assert {"clean", "ct-noise-3d@5"} <= set(r["metrics"])
+
+
+@pytest.mark.slow
+def test_a_3d_segmentation_run_depends_on_its_seed_only(tmp_path):
+    """The backbone and decoder start from the run's seed: what the process drew before (other
+    runs, other tests) does not change the result."""
+
+    def run(draw: int) -> dict:
+        torch.manual_seed(draw)
+        torch.rand(draw)
+        cfg = RunConfig(
+            data="clinical-shift-3d-seg",
+            data_options={"patients_per_site": 5, "size": 16},
+            model="tiny-resenc",
+            model_options={"volume_size": 16},
+            method="seg3d-finetune",
+            method_options={"epochs": 1},
+            shift="domain",
+            out_dir=str(tmp_path / f"run{draw}"),
+            seed=0,
+            batch_size=2,
+            device="cpu",
+            evaluation={"n_boot": 0},
+        )
+        return run_experiment(cfg, write=False)["metrics"]
+
+    assert run(1) == run(7)

@@ -77,12 +77,17 @@ class VolumeSegmentationTask(SegmentationTask):
         return out
 
     def build(self, cfg: RunConfig, target: str, method: Method, split: ShiftSplit):
+        import torch
+
         from clinadapt.methods.seg3d import VolumeSegmenter
         from clinadapt.models import load_model
         from clinadapt.models.volume.base import check_spatial_dims
         from clinadapt.targets import TargetInfo, apply_target
         from clinadapt.targets.base import count_parameters
 
+        # the backbone's random layers and the decoder start from the run's seed, not from
+        # whatever the process drew before (as build_classifier does for classification)
+        torch.manual_seed(cfg.seed)
         model = load_model(
             cfg.model, weights=cfg.weights, pretrained=cfg.pretrained, **cfg.model_options
         )
