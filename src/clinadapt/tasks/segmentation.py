@@ -119,6 +119,34 @@ def fit_key(cfg: RunConfig, method: str, target: str, options: dict, train: Any)
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def fit_or_reuse(
+    method: Method,
+    model: Any,
+    info: Any,
+    opts: Any,
+    split: ShiftSplit,
+    ctx: Context,
+    ckpt: Path,
+    base: str,
+    unit: str = "images",
+) -> dict[str, Any]:
+    """Reload the trained model from ``ckpt``, or train it and save it there; the summary."""
+    from clinadapt.targets import load_adapted, save_adapted
+
+    if ckpt.exists():
+        status(f"reusing trained model {ckpt.name}")
+        load_adapted(model, ckpt, device=ctx.device)
+        return {"reused": ckpt.name}
+    status(
+        f"training {base} with {method.name} on {split.train.name} "
+        f"({len(split.train)} {unit}, target {info.spec})"
+    )
+    summary = method.fit(model, split.train, split.val, opts, ctx)  # type: ignore[attr-defined]
+    save_adapted(model, ckpt, base=base, target=info)
+    summary["checkpoint"] = ckpt.name
+    return summary
+
+
 def pick_cases(table: SegTable) -> dict[str, int]:
     """Positions of the best, median and worst image by mean Dice over its classes.
 
@@ -231,7 +259,6 @@ class SegmentationTask(Task):
 
         Returns the model, its target info, the parsed options and the training summary.
         """
-        from clinadapt.targets import load_adapted, save_adapted
 
         if method.kind != "fit" or getattr(method, "task", None) != self.name:
             raise ConfigError(
@@ -248,18 +275,8 @@ class SegmentationTask(Task):
         ckpt = Path(cfg.out_dir) / "cache" / f"fit-{key}.safetensors"
         if info.trainable == 0:
             summary = method.fit(model, split.train, split.val, opts, ctx)
-        elif ckpt.exists():
-            status(f"reusing trained model {ckpt.name}")
-            load_adapted(model, ckpt, device=cfg.device)
-            summary = {"reused": ckpt.name}
         else:
-            status(
-                f"training {base} with {method.name} on {split.train.name} "
-                f"({len(split.train)} images, target {info.spec})"
-            )
-            summary = method.fit(model, split.train, split.val, opts, ctx)
-            save_adapted(model, ckpt, base=base, target=info)
-            summary["checkpoint"] = ckpt.name
+            summary = fit_or_reuse(method, model, info, opts, split, ctx, ckpt, base)
         return model, info, opts, summary
 
     def run(

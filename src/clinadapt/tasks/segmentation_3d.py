@@ -18,9 +18,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from clinadapt.errors import ConfigError
-from clinadapt.progress import status
 from clinadapt.tasks.base import SEGMENTATION_3D, TASKS, Outcome
-from clinadapt.tasks.segmentation import SegmentationTask, fit_key, outcome, target_record
+from clinadapt.tasks.segmentation import (
+    SegmentationTask,
+    fit_key,
+    fit_or_reuse,
+    outcome,
+    target_record,
+)
 
 if TYPE_CHECKING:
     from clinadapt.config import RunConfig
@@ -111,7 +116,6 @@ class VolumeSegmentationTask(SegmentationTask):
         ctx: Context,
     ) -> tuple[Any, Any, Any, dict[str, Any]]:
         """Build the segmenter, open its target and train it (or reload the fit)."""
-        from clinadapt.targets import load_adapted, save_adapted
 
         if method.kind != "fit" or getattr(method, "task", None) != self.name:
             raise ConfigError(
@@ -125,17 +129,7 @@ class VolumeSegmentationTask(SegmentationTask):
             json.dumps([key, cfg.model_options, self.name], sort_keys=True, default=str).encode()
         ).hexdigest()[:16]
         ckpt = Path(cfg.out_dir) / "cache" / f"fit-{key}.safetensors"
-        if ckpt.exists():
-            status(f"reusing trained model {ckpt.name}")
-            load_adapted(seg, ckpt, device=cfg.device)
-            return seg, info, opts, {"reused": ckpt.name}
-        status(
-            f"training {cfg.model} with {method.name} on {split.train.name} "
-            f"({len(split.train)} volumes, target {info.spec})"
-        )
-        summary = method.fit(seg, split.train, split.val, opts, ctx)  # type: ignore[attr-defined]
-        save_adapted(seg, ckpt, base=cfg.model, target=info)
-        summary["checkpoint"] = ckpt.name
+        summary = fit_or_reuse(method, seg, info, opts, split, ctx, ckpt, cfg.model, "volumes")
         return seg, info, opts, summary
 
     def run(
