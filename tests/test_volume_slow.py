@@ -4,6 +4,7 @@ recover part of the drop."""
 
 import numpy as np
 import pytest
+import torch
 
 from clinadapt.config import RunConfig
 from clinadapt.runner import run_experiment
@@ -11,8 +12,18 @@ from clinadapt.runner import run_experiment
 SHIFTED = ("site-b", "site-c", "site-d")
 
 
+@pytest.fixture
+def two_threads():
+    """float32 sums depend on how many threads split them, and 15 epochs at lr 1e-2 amplify that:
+    the figures below were measured with two (torch's default on a 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.slow
-def test_a_3d_model_drops_on_other_sites_and_bn_and_tent_recover_part(tmp_path):
+def test_a_3d_model_drops_on_other_sites_and_bn_and_tent_recover_part(tmp_path, two_threads):
     """24^3 volumes, 15 patients per site, tiny-resenc (BatchNorm) trained 15 epochs on site A;
     organ Dice and NSD (2 mm at the volumes' 6.7 mm spacing) per site."""
 
