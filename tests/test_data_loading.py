@@ -86,11 +86,13 @@ def test_context_batches_use_its_workers_and_pin_for_cuda(tmp_path, monkeypatch)
     seen = []
     monkeypatch.setattr(
         "clinadapt.data.base.iter_batches",
-        lambda ds, pp, chunks, workers, pin: seen.append((workers, pin)) or iter(()),
+        lambda ds, pp, chunks, workers, pin, device: (
+            seen.append((workers, pin, device)) or iter(())
+        ),
     )
     list(Context(batch_size=2, loader_workers=3).batches(ds, None))
     list(Context(batch_size=2, device="cuda:0").batches(ds, None))
-    assert seen == [(3, False), (auto_workers(ds), True)]
+    assert seen == [(3, False, "cpu"), (auto_workers(ds), True, "cuda:0")]
 
 
 def test_a_run_on_files_is_the_same_with_and_without_workers(tmp_path):

@@ -139,14 +139,16 @@ def split_batches(
     seed: int,
     workers: int | None = None,
     pin_memory: bool = False,
+    device: str | torch.device | None = None,
 ) -> Iterator[tuple[Batch | None, np.ndarray]]:
     """The batches one process would draw (:func:`batch_chunks`), each as ``(this process's
-    part, loaded, or None when it holds no image of it; the whole batch's positions)``."""
+    part, loaded, or None when it holds no image of it; the whole batch's positions)``; images
+    preprocessed on ``device`` when given (see :func:`clinadapt.data.loading.iter_batches`)."""
     w = world()
     chunks = batch_chunks(len(ds), batch_size, shuffle=shuffle, seed=seed)
     parts = [my_part(c, w) for c in chunks]
     n = auto_workers(ds) if workers is None else workers
-    loaded = iter_batches(ds, preprocess, [p for p in parts if len(p)], n, pin_memory)
+    loaded = iter_batches(ds, preprocess, [p for p in parts if len(p)], n, pin_memory, device)
     for chunk, part in zip(chunks, parts, strict=True):
         yield (next(loaded) if len(part) else None), chunk
 

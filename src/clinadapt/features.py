@@ -78,7 +78,12 @@ def embed(model: ImageClassifier, ds: ClinicalDataset, batch_size: int, device: 
         feats = [
             model.features(x.to(device)).float().cpu()
             for x, _, _ in progress(
-                ds.batches(model.preprocess, batch_size, pin_memory=str(device).startswith("cuda")),
+                ds.batches(
+                    model.preprocess,
+                    batch_size,
+                    pin_memory=str(device).startswith("cuda"),
+                    device=device,
+                ),
                 f"embed {ds.name}",
                 total=total,
             )

@@ -389,12 +389,15 @@ class ClinicalDataset:
         drop_last: bool = False,
         workers: int | None = None,
         pin_memory: bool = False,
+        device: str | torch.device | None = None,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, np.ndarray]]:
         """Yield ``(images, labels, positions)``; images go through ``preprocess`` batch-wise.
 
         ``workers`` processes decode and preprocess batches ahead (None: up to 4 when the images
         are read from files, none for images in memory); ``pin_memory`` pins each batch for a
-        fast copy to a CUDA device. Neither changes what is yielded.
+        fast copy to a CUDA device. Neither changes what is yielded. With a ``device`` the images
+        come out on it: workers stack uint8 images, the float work (scaling, channels, resize,
+        normalisation) runs on ``device`` (see :mod:`clinadapt.models.stages`).
         """
         if len(self) == 0:
             raise DataError(f"{self.name}: no images to iterate over")
@@ -406,4 +409,4 @@ class ClinicalDataset:
         if not chunks:
             return
         n = auto_workers(self) if workers is None else workers
-        yield from iter_batches(self, preprocess, chunks, n, pin_memory)
+        yield from iter_batches(self, preprocess, chunks, n, pin_memory, device)

@@ -75,12 +75,14 @@ class Context:
     def batches(
         self, ds: ClinicalDataset, preprocess: Any, **options: Any
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, np.ndarray]]:
-        """``ds.batches`` at this context's batch size, workers and (for CUDA) pinned memory."""
+        """``ds.batches`` at this context's batch size, workers and (for CUDA) pinned memory, the
+        images preprocessed on this context's device."""
         return ds.batches(
             preprocess,
             self.batch_size,
             workers=self.loader_workers,
             pin_memory=str(self.device).startswith("cuda"),
+            device=self.device,
             **options,
         )
 

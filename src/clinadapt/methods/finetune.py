@@ -185,6 +185,7 @@ class Finetune(FitMethod):
                     seed=ctx.seed * 1000 + epoch,
                     workers=ctx.loader_workers,
                     pin_memory=str(ctx.device).startswith("cuda"),
+                    device=ctx.device,
                 ):
                     opt.zero_grad(set_to_none=True)
                     value = 0.0

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from clinadapt.errors import DataError, IncompatibleError
+from clinadapt.errors import IncompatibleError
 from clinadapt.models.preprocessing import LUMA_WEIGHTS, Preprocessing
+from clinadapt.models.stages import Images, adapt_channels, device_stage, host_stage
 
 __all__ = [
     "LUMA_WEIGHTS",
@@ -23,69 +22,10 @@ __all__ = [
 ]
 
 
-def to_model_input(
-    pp: Preprocessing, images: torch.Tensor | np.ndarray | Sequence[np.ndarray]
-) -> torch.Tensor:
-    """Turn uint8 images into the normalised batch ``pp`` describes (see :class:`Preprocessing`)."""
-    x = _to_float_nchw(images)
-    # grey for an RGB model: resize the one channel, then replicate it (the same values)
-    replicate = x.shape[1] == 1 and pp.in_chans == 3
-    if not replicate:
-        x = adapt_channels(x, pp.in_chans)
-    if tuple(x.shape[-2:]) != tuple(pp.image_size):
-        mode = pp.interpolation if pp.interpolation in ("bilinear", "bicubic") else "bilinear"
-        x = F.interpolate(x, size=pp.image_size, mode=mode, align_corners=False, antialias=True)
-        x = x.clamp_(0.0, 1.0)
-    if replicate:
-        x = adapt_channels(x, pp.in_chans)
-    mean = torch.tensor(pp.mean, dtype=x.dtype).view(1, -1, 1, 1)
-    std = torch.tensor(pp.std, dtype=x.dtype).view(1, -1, 1, 1)
-    if mean.shape[1] != x.shape[1]:
-        mean = mean.mean().expand(1, x.shape[1], 1, 1)
-        std = std.mean().expand(1, x.shape[1], 1, 1)
-    return (x - mean) / std
-
-
-def _to_float_nchw(images: torch.Tensor | np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
-    if isinstance(images, (list, tuple)):
-        shapes = {np.asarray(im).shape for im in images}
-        if len(shapes) != 1:
-            raise DataError(
-                f"images in one batch have different shapes {sorted(shapes)}; resize first"
-            )
-        images = np.stack([np.asarray(im) for im in images])
-    if not isinstance(images, torch.Tensor):
-        array = np.asarray(images)  # read-only (cached datasets): torch needs its own copy
-        images = torch.as_tensor(array if array.flags.writeable else array.copy())
-    t = images
-    if t.ndim == 3:  # N,H,W grey
-        t = t.unsqueeze(-1)
-    if t.ndim != 4:
-        raise DataError(f"expected images as (N,H,W) or (N,H,W,C), got shape {tuple(t.shape)}")
-    t = t.permute(0, 3, 1, 2)
-    if t.dtype == torch.uint8:
-        return t.float().div_(255.0)
-    if t.is_floating_point():
-        return t.float()
-    raise DataError(f"images must be uint8 or float in [0,1], got dtype {t.dtype}")
-
-
-def adapt_channels(x: torch.Tensor, in_chans: int) -> torch.Tensor:
-    """Apply the documented grey<->RGB rule to a float (N,C,H,W) batch."""
-    c = x.shape[1]
-    if c == 4 and in_chans != 4:  # RGBA: drop alpha
-        x, c = x[:, :3], 3
-    if c == in_chans:
-        return x
-    if c == 1 and in_chans == 3:
-        return x.expand(-1, 3, -1, -1)
-    if c == 3 and in_chans == 1:
-        w = torch.tensor(LUMA_WEIGHTS, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-        return (x * w).sum(1, keepdim=True)
-    raise DataError(
-        f"images have {c} channels but the model takes {in_chans}; only grey<->RGB is "
-        "converted automatically"
-    )
+def to_model_input(pp: Preprocessing, images: Images) -> torch.Tensor:
+    """Turn uint8 images into the normalised batch ``pp`` describes (see :class:`Preprocessing`):
+    the host stage and the device stage of :mod:`clinadapt.models.stages` in a row, here."""
+    return device_stage(pp, host_stage(pp, images))
 
 
 class FoundationModel(nn.Module, metaclass=abc.ABCMeta):

@@ -1,4 +1,4 @@
-"""What a backbone expects as input, as plain data (the pixel work lives in ``models.base``)."""
+"""What a backbone expects as input, as plain data (the pixel work lives in ``models.stages``)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import numpy as np
     import torch
+
+    from clinadapt.models.stages import HostBatch
 
 # ITU-R BT.601 luma weights: the rule for turning an RGB image into one grey channel.
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
@@ -45,6 +47,21 @@ class Preprocessing:
 
     def __call__(self, images: torch.Tensor | np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
         """Turn uint8 images (N,H,W), (N,H,W,C) or a list of (H,W[,C]) into a normalised batch."""
-        from clinadapt.models.base import to_model_input
+        from clinadapt.models.stages import device_stage, host_stage
 
-        return to_model_input(self, images)
+        return device_stage(self, host_stage(self, images))
+
+    def host_stage(self, images: torch.Tensor | np.ndarray | Sequence[np.ndarray]) -> HostBatch:
+        """The part of :meth:`__call__` for the host (DataLoader workers): uint8 images stacked
+        at their own size, alpha dropped (see :mod:`clinadapt.models.stages`)."""
+        from clinadapt.models.stages import host_stage
+
+        return host_stage(self, images)
+
+    def device_stage(
+        self, batch: HostBatch, device: str | torch.device | None = None
+    ) -> torch.Tensor:
+        """The rest of :meth:`__call__`, on ``device``: copy, float, channels, resize, normalise."""
+        from clinadapt.models.stages import device_stage
+
+        return device_stage(self, batch, device)

@@ -79,7 +79,7 @@ def fisher_diagonal(
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     acc = {n: torch.zeros_like(p) for n, p in params.items()}
     batches = 0
-    for x, _, _ in source.batches(model.preprocess, batch_size):
+    for x, _, _ in source.batches(model.preprocess, batch_size, device=device):
         logits = model(x.to(device))
         F.cross_entropy(logits, logits.argmax(1)).backward()
         for n, p in params.items():

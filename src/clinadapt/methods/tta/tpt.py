@@ -21,6 +21,7 @@ from pydantic import Field
 
 from clinadapt.classifier import ImageClassifier
 from clinadapt.data.base import ClinicalDataset
+from clinadapt.data.loading import preprocess_on
 from clinadapt.errors import IncompatibleError
 from clinadapt.methods.base import (
     METHODS,
@@ -136,7 +137,9 @@ class TPT(TTAMethod):
                 transform = view_transform(image.shape[:2], options.min_scale, options.augmix)
                 views = make_views(image, options.views, transform)
                 with torch.no_grad():
-                    feats = model.encoder.encode_image(model.preprocess(views).to(ctx.device))
+                    feats = model.encoder.encode_image(
+                        preprocess_on(model.preprocess, views, ctx.device)
+                    )
                 out.append(tune_and_predict(head, initial, feats, options).cpu())
         return StreamResult.of(torch.cat(out), updates_per_image=options.steps)
 
