@@ -22,6 +22,7 @@ from clinadapt.classifier import ImageClassifier
 from clinadapt.compute import active_autocast
 from clinadapt.data.base import ClinicalDataset
 from clinadapt.errors import DataError
+from clinadapt.layout import channels_last_inference
 from clinadapt.progress import progress, warn
 from clinadapt.store import atomic_path
 
@@ -75,19 +76,20 @@ def embed(model: ImageClassifier, ds: ClinicalDataset, batch_size: int, device: 
     model.eval()
     total = -(-len(ds) // batch_size)
     try:
-        feats = [
-            model.features(x.to(device)).float().cpu()
-            for x, _, _ in progress(
-                ds.batches(
-                    model.preprocess,
-                    batch_size,
-                    pin_memory=str(device).startswith("cuda"),
-                    device=device,
-                ),
-                f"embed {ds.name}",
-                total=total,
-            )
-        ]
+        with channels_last_inference(model, device):  # faster CNN inference on the CPU
+            feats = [
+                model.features(x.to(device)).float().cpu()
+                for x, _, _ in progress(
+                    ds.batches(
+                        model.preprocess,
+                        batch_size,
+                        pin_memory=str(device).startswith("cuda"),
+                        device=device,
+                    ),
+                    f"embed {ds.name}",
+                    total=total,
+                )
+            ]
     finally:
         model.train(was_training)
     return torch.cat(feats).numpy()

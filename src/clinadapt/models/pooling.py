@@ -14,14 +14,15 @@ from torch import nn
 
 
 class ChannelsLastMaxPool2d(nn.MaxPool2d):
-    """``nn.MaxPool2d`` that pools 4-D CPU batches in channels-last layout and returns them
-    contiguous (N, C, H, W) again; other devices and ``return_indices`` go unchanged."""
+    """``nn.MaxPool2d`` that pools 4-D CPU batches in channels-last layout and returns them in
+    the layout they came in (contiguous (N, C, H, W), or channels-last when the network runs in
+    it: :mod:`clinadapt.layout`); other devices and ``return_indices`` go unchanged."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or x.ndim != 4 or self.return_indices:
             return super().forward(x)
         y = super().forward(x.contiguous(memory_format=torch.channels_last))
-        return y.contiguous()
+        return y if not x.is_contiguous() else y.contiguous()
 
 
 def channels_last_pooling(model: nn.Module) -> int:

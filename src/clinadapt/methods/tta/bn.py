@@ -31,6 +31,7 @@ from torch import nn
 from clinadapt.classifier import ImageClassifier
 from clinadapt.data.base import ClinicalDataset
 from clinadapt.errors import IncompatibleError
+from clinadapt.layout import prefers_channels_last
 from clinadapt.methods.base import (
     METHODS,
     Context,
@@ -156,6 +157,8 @@ class BatchNormAdapt(TTAMethod):
         self, model: ImageClassifier, stream: ClinicalDataset, options: BNOptions, ctx: Context
     ) -> StreamResult:
         adapted = copy.deepcopy(model).eval()
+        if prefers_channels_last(adapted, ctx.device):  # as source inference (predict_proba)
+            adapted.to(memory_format=torch.channels_last)
         if replace_batchnorm(adapted, options.prior, options.variance) == 0:
             raise IncompatibleError(
                 f"bn needs BatchNorm layers; model {model.encoder.name!r} has none "
