@@ -210,13 +210,16 @@ def run_stream(
     for x, _, pos in progress(batches, f"{method} {stream.name}", total=total):
         x = x.to(ctx.device)
         step = adapter.forward_and_adapt(x)
-        probs = step.logits.detach().float().softmax(1)
-        why = non_finite(probs, step.loss)
+        # one copy to the host per batch; the monitor and the checks read it there (on a GPU,
+        # each value read from the device separately would wait for the device again)
+        probs = step.logits.detach().float().softmax(1).cpu()
+        loss = None if step.loss is None else float(step.loss)
+        why = non_finite(probs, loss)
         if why:
             adapter.reset()
             guard.clear()
             if not torch.isfinite(probs).all():
-                probs = adapter.predict(x).float().softmax(1)
+                probs = adapter.predict(x).float().softmax(1).cpu()
         reading = guard.observe(probs)
         if reading.collapse and reset_on_collapse and not why:
             why = reading.collapse
@@ -238,7 +241,6 @@ def run_stream(
             )
         elif reading.collapse:
             events.append(event(method, stream.name, start, "would-reset", reading.collapse))
-        loss = None if step.loss is None else float(step.loss)
         trace.append(
             {
                 "position": start,
@@ -255,7 +257,7 @@ def run_stream(
                 "reset": int(why is not None),
             }
         )
-        out.append(probs.cpu())
+        out.append(probs)
         start += len(pos)
     return StreamResult(torch.cat(out).numpy().astype(np.float64), trace, events)
 

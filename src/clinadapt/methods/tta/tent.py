@@ -50,8 +50,11 @@ class TentAdapter(Adapter):
         for _ in range(self.steps):
             logits = self.model(x)
             loss = softmax_entropy(logits).mean()
+            # backward first, then the finite check: on a GPU the check waits for the device,
+            # and placed between the passes it would leave the device idle while the backward
+            # is launched (a non-finite loss leaves non-finite gradients, dropped unused)
+            loss.backward()
             if torch.isfinite(loss):
-                loss.backward()
                 self.optimizer.step()
                 updates += 1
             self.optimizer.zero_grad(set_to_none=True)
