@@ -11,8 +11,9 @@ import clinadapt.runner as runner
 from clinadapt.compute import resolve_device
 from clinadapt.config import RunConfig, load_config
 from clinadapt.errors import ConfigError
+from clinadapt.evaluation.subgroups import SUBGROUP_KEYS
 from clinadapt.fewshot_sweep import run_fewshot_sweep
-from clinadapt.preflight import check_out_dir
+from clinadapt.preflight import check_out_dir, check_subgroup_keys
 from clinadapt.ssl import make_config, pretrain
 
 SMALL = {"patients_per_site": 8}
@@ -141,3 +142,15 @@ def test_a_subgroup_key_no_metadata_holds_is_refused_before_training(tmp_path, m
         runner.run_experiment(cfg)
     with pytest.raises(ConfigError, match=r"\['sexx'\] in no metadata column"):
         run_fewshot_sweep(cfg, ["prototype"], [1], [0])
+
+
+def test_a_chosen_default_key_the_data_lack_is_refused():
+    """`subgroup_keys=[sex]` on data without a sex column used to pass silently (sex is one of
+    the default keys, which a dataset may lack) and every record came without subgroups."""
+    meta = {"domain": ["a", "b"], "scanner": ["x", "y"]}
+    with pytest.raises(ConfigError, match=r"\['sex'\] in no metadata column of mine"):
+        check_subgroup_keys(["sex"], meta, "mine")
+    with pytest.raises(ConfigError, match=r"\['age_group'\]"):
+        check_subgroup_keys(["domain", "age_group"], meta, "mine")
+    check_subgroup_keys(["domain", "scanner"], meta, "mine")
+    check_subgroup_keys(list(SUBGROUP_KEYS), meta, "mine")  # the default list: what is there

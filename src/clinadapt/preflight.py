@@ -135,10 +135,13 @@ def check_run(cfg: RunConfig, data: bool = True) -> None:
 def check_subgroup_keys(keys: list[str], metadata: Mapping[str, Any], data_name: str) -> None:
     """A subgroup key the user asked for that no metadata column of the dataset holds would be
     left out of every record without a word: ConfigError naming it and the columns there are.
-    The default keys (:data:`clinadapt.evaluation.subgroups.SUBGROUP_KEYS`) may be missing."""
+    The default list (:data:`clinadapt.evaluation.subgroups.SUBGROUP_KEYS`) may name keys a
+    dataset lacks; a list the user chose (any other) may not, default keys in it included."""
     from clinadapt.evaluation.subgroups import SUBGROUP_KEYS
 
-    missing = [k for k in keys if k not in metadata and k not in SUBGROUP_KEYS]
+    if tuple(keys) == SUBGROUP_KEYS:
+        return
+    missing = [k for k in keys if k not in metadata]
     if not missing:
         return
     columns = sorted(metadata)
