@@ -1,9 +1,10 @@
 """Training in several processes (torchrun, gloo on the CPU) is training in one, split.
 
-Tolerance: N processes sum their parts' gradients where one process sums the whole batch's, so
-results agree up to the order of float32 sums: per-step losses within 1e-5, and weights within
-1e-4 after AdamW, whose normalised steps magnify differences in gradients near zero (SGD and the
-cache keys of tip-adapter-f agree within 1e-6).
+Tolerance: N processes average (DistributedDataParallel) the gradients of their parts' weighted
+losses where one process takes the whole batch's, so results agree up to the order of float32
+sums: per-step losses within 1e-5, and weights within 1e-4 after AdamW, whose normalised steps
+magnify differences in gradients near zero (SGD and the cache keys of tip-adapter-f agree within
+1e-6).
 """
 
 import json
@@ -20,11 +21,11 @@ import torch.nn.functional as F
 import yaml
 from safetensors.numpy import load_file
 
-from clinadapt import runner
+from clinadapt import distributed, runner
 from clinadapt.config import RunConfig
 from clinadapt.data import load_dataset
 from clinadapt.data.loading import batch_chunks
-from clinadapt.distributed import World, my_part, split_batches
+from clinadapt.distributed import ShardSampler, World, ddp_loss, idle_loss, load_shards, wrap
 from clinadapt.errors import ConfigError
 from clinadapt.methods import METHODS
 from clinadapt.methods.finetune import batch_share
@@ -44,6 +45,13 @@ SWEEP = {
                 "model": "tiny-vit",
                 "method": "finetune",
                 "method_options": {"epochs": 2, "class_balanced": True},
+            },
+            {
+                "model": "tiny-vit",
+                "target": "lora+head",  # LoRA factors and the head train, the rest is frozen
+                "target_options": {"lora": {"rank": 2}},
+                "method": "finetune",
+                "method_options": {"epochs": 1},
             },
             {"model": "tiny-clip", "method": "coop", "method_options": {"epochs": 3}},
             {
@@ -68,23 +76,86 @@ def test_batch_chunks_are_the_batches_a_dataset_yields():
 
 
 def test_processes_split_each_global_batch_once():
-    batch = np.array([5, 9, 2, 7, 3, 8, 1])
-    parts = [my_part(batch, World(r, 3)) for r in range(3)]
-    assert [p.tolist() for p in parts] == [[5, 7, 1], [9, 3], [2, 8]]
-    assert my_part(np.array([4]), World(1, 2)).size == 0  # a short last batch may leave one out
+    samplers = [ShardSampler(7, 7, shuffle=False, num_replicas=3, rank=r) for r in range(3)]
+    assert [s.parts()[0].tolist() for s in samplers] == [[0, 3, 6], [1, 4], [2, 5]]
+    last = ShardSampler(9, 4, shuffle=False, num_replicas=2, rank=1)  # batches 4, 4, 1
+    assert [p.tolist() for p in last.parts()] == [[1, 3], [5, 7], []]  # none of the last
 
 
-def test_one_process_gets_whole_batches():
+@pytest.mark.parametrize("size", [1, 2, 3])
+def test_shard_sampler_splits_the_batches_one_process_draws(size):
+    n, batch = 41, 8
+    samplers = [ShardSampler(n, batch, seed=5000, num_replicas=size, rank=r) for r in range(size)]
+    assert all(isinstance(s, torch.utils.data.distributed.DistributedSampler) for s in samplers)
+    for epoch in (0, 3):
+        for s in samplers:
+            s.set_epoch(epoch)
+        want = batch_chunks(n, batch, shuffle=True, seed=5000 + epoch)  # one process's batches
+        for r, s in enumerate(samplers):
+            assert [b.tolist() for b in s.global_batches()] == [b.tolist() for b in want]
+            for (part, whole), b in zip(s.shards(), want, strict=True):
+                assert part.tolist() == b[r::size].tolist() and whole.tolist() == b.tolist()
+            mine = list(s)
+            assert len(s) == len(mine) == sum(len(b[r::size]) for b in want)
+        everyone = np.sort(np.concatenate([list(s) for s in samplers]))
+        np.testing.assert_array_equal(everyone, np.arange(n))  # each image once, none padded
+    epoch0, epoch1 = ShardSampler(n, batch, seed=5000), ShardSampler(n, batch, seed=5000)
+    epoch1.set_epoch(1)  # a new epoch, another order
+    assert list(epoch0) != list(epoch1) and sorted(epoch0) == sorted(epoch1)
+    with pytest.raises(ConfigError, match="batch_size must be at least 1, got 0"):
+        ShardSampler(n, 0)
+
+
+def test_one_process_loads_whole_batches():
     ds = load_dataset("clinical-shift", patients_per_site=8)
     pp = lambda im: torch.ones(len(im), 1)  # noqa: E731
-    for (part, batch), want in zip(
-        split_batches(ds, pp, 7, shuffle=True, seed=3, workers=0),
+    sampler = ShardSampler(len(ds), 7, seed=3)
+    for ((x, y, pos), batch), want in zip(
+        load_shards(ds, pp, sampler, workers=0),
         batch_chunks(len(ds), 7, shuffle=True, seed=3),
         strict=True,
     ):
         np.testing.assert_array_equal(batch, want)
-        np.testing.assert_array_equal(part[2], want)
-        np.testing.assert_array_equal(part[1].numpy(), ds.labels[want])
+        np.testing.assert_array_equal(pos, want)
+        np.testing.assert_array_equal(y.numpy(), ds.labels[want])
+        assert x.shape == (len(want), 1)
+
+
+def test_a_process_without_an_image_gets_an_empty_part_shaped_as_the_images():
+    ds = load_dataset("clinical-shift", patients_per_site=8)  # 41 training images
+    n = len(ds)
+    seen = []
+    pp = lambda im: (seen.append(len(im)), torch.ones(len(im), 3, 5, 5))[1]  # noqa: E731
+    batch = n - 1  # batches of n - 1 and 1 images: process 1 of 2 has none of the last
+    shards = list(load_shards(ds, pp, ShardSampler(n, batch, num_replicas=2, rank=1), workers=0))
+    (x0, y0, pos0), whole0 = shards[0]
+    assert len(x0) == len(y0) == len(pos0) == batch // 2 and len(whole0) == batch
+    (x, y, pos), whole = shards[1]
+    assert x.shape == (0, 3, 5, 5) and y.shape == (0,) and pos.size == 0 and len(whole) == 1
+    assert seen == [batch // 2, 1]  # its part, and one image for the shape of the empty one
+
+
+def test_loss_weights_undo_the_average_over_processes(monkeypatch):
+    loss = torch.tensor(2.0)
+    assert ddp_loss(loss, 1.0) is loss  # one process: as it is
+    monkeypatch.setattr(distributed, "world", lambda: World(1, 4, 1, "gloo"))
+    # DDP divides the summed gradients by 4: a quarter of the images weighs 1/4 * 4
+    assert ddp_loss(loss, 0.25).item() == pytest.approx(2.0)
+    assert ddp_loss(loss, 0.1).item() == pytest.approx(0.8)
+    layer = torch.nn.Linear(3, 2)
+    zero = idle_loss(layer(torch.zeros(0, 3)))
+    zero.backward()
+    assert zero.item() == 0.0 and not layer.weight.grad.any() and not layer.bias.grad.any()
+
+
+def test_one_process_trains_the_module_itself():
+    layer = torch.nn.Linear(3, 2)
+    assert wrap(layer) is layer
+    assert World(0, 2, 0, "gloo").describe() == {
+        "processes": 2,
+        "backend": "gloo",
+        "wrapper": "DistributedDataParallel",
+    }
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
@@ -99,7 +170,7 @@ def test_shares_recover_the_class_weighted_mean_loss(smoothing):
     for size in (2, 3):
         total = 0.0
         for r in range(size):
-            part = my_part(batch, World(r, size))
+            part = batch[r::size]  # the positions ShardSampler gives process r
             share = batch_share(labels, "multiclass", part, batch, weight)
             loss = F.cross_entropy(logits[part], y[part], weight=weight, label_smoothing=smoothing)
             total += share * loss.item()
@@ -141,7 +212,11 @@ def test_processes_other_than_rank_0_write_nothing(tmp_path, monkeypatch):
         out_dir=str(tmp_path),
     )
     record = run_experiment(cfg)
-    assert record["compute"]["distributed"] == {"processes": 2, "backend": "gloo"}
+    assert record["compute"]["distributed"] == {
+        "processes": 2,
+        "backend": "gloo",
+        "wrapper": "DistributedDataParallel",
+    }
     assert record["training"]["weights"].startswith("cache/fit-")
     assert not list(tmp_path.rglob("*.json")) and not list(tmp_path.rglob("*.safetensors"))
 
@@ -152,10 +227,90 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+TOY = """
+import json, sys
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from clinadapt.distributed import ShardSampler, backward_part, init, world, wrap
+
+init("cpu")
+torch.manual_seed(0)
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.frozen = torch.nn.Linear(5, 5).requires_grad_(False)
+        self.body = torch.nn.Linear(5, 4)
+        self.head = torch.nn.Linear(4, 3)
+        self.spare = torch.nn.Linear(4, 3)  # trainable, never reached by the loss
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.body(self.frozen(x))))
+
+
+module = Net()
+if world().rank > 0:  # another start: wrapping gives every process rank 0's
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(1.0)
+g = torch.Generator().manual_seed(1)
+x, y = torch.randn(11, 5, generator=g), torch.randint(3, (11,), generator=g)
+net = wrap(module)
+trained = [p for p in module.parameters() if p.requires_grad]
+opt = torch.optim.SGD(trained, lr=0.5, momentum=0.9, weight_decay=0.1)  # sees gradient scales
+sampler = ShardSampler(11, 5, seed=7)  # batches of 5, 5, 1: process 1 has none of the last
+losses = []
+for epoch in range(3):
+    sampler.set_epoch(epoch)
+    for part, batch in sampler.shards():
+        opt.zero_grad(set_to_none=True)
+        loss = backward_part(net, x, part, len(batch), lambda o, i: F.cross_entropy(o, y[i]))
+        losses.append(loss)
+        opt.step()
+state = {k: v.contiguous() for k, v in module.state_dict().items()}
+save_file(state, f"{sys.argv[1]}-{world().rank}.safetensors")
+with open(f"{sys.argv[1]}-{world().rank}.json", "w") as f:
+    json.dump({"losses": losses, "wrapped": type(net).__name__}, f)
+"""
+
+
+@pytest.mark.slow
+def test_ddp_averages_to_the_global_batch_with_an_empty_process_and_an_unused_head(tmp_path):
+    """The helpers alone, on a toy module: uneven parts, a process without an image in the last
+    batch, a trainable head the loss does not reach (weight decay must leave it as one process does),
+    a frozen layer, and different starting weights in process 1."""
+    script = tmp_path / "toy.py"
+    script.write_text(TOY)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    launch += ["--master-port", str(_free_port())]
+    for cmd in ([*launch, str(script), "ddp"], [sys.executable, str(script), "one"]):
+        proc = subprocess.run(
+            cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    one = json.loads((tmp_path / "one-0.json").read_text())
+    assert one["wrapped"] == "Net"
+    start = load_file(tmp_path / "one-0.safetensors")
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"ddp-{rank}.json").read_text())
+        assert got["wrapped"] == "DistributedDataParallel" and len(got["losses"]) == 9
+        np.testing.assert_allclose(got["losses"], one["losses"], rtol=0, atol=1e-6)
+        weights = load_file(tmp_path / f"ddp-{rank}.safetensors")
+        for name, value in weights.items():
+            np.testing.assert_allclose(value, start[name], rtol=0, atol=1e-6, err_msg=name)
+
+
 def _compare(ddp: Path, one: Path, run_id: str) -> None:
     a = json.loads((ddp / f"{run_id}.json").read_text())
     b = json.loads((one / f"{run_id}.json").read_text())
-    assert a["compute"]["distributed"] == {"processes": 2, "backend": "gloo"}
+    assert a["compute"]["distributed"] == {
+        "processes": 2,
+        "backend": "gloo",
+        "wrapper": "DistributedDataParallel",
+    }
     assert "distributed" not in b["compute"]
     la = [row["loss"] for row in a["training"]["history"]]
     lb = [row["loss"] for row in b["training"]["history"]]
@@ -191,7 +346,7 @@ def test_two_processes_train_as_one(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)  # one summary: the other process printed nothing
-    assert summary["ran"] == 3 and not summary["failed"]
+    assert summary["ran"] == 4 and not summary["failed"]
 
     from clinadapt.sweep import load_sweep, run_sweep
 
@@ -199,9 +354,9 @@ def test_two_processes_train_as_one(tmp_path):
     torch.set_num_threads(1)
     try:
         spec = load_sweep(path, out_dir=str(tmp_path / "one"))
-        assert len(run_sweep(spec).ran) == 3
+        assert len(run_sweep(spec).ran) == 4
     finally:
         torch.set_num_threads(before)
-    assert len(list_records(tmp_path / "ddp")) == 3
+    assert len(list_records(tmp_path / "ddp")) == 4
     for cfg in spec.configs():
         _compare(tmp_path / "ddp", tmp_path / "one", cfg.run_id())

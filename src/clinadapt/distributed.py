@@ -2,16 +2,14 @@
 
 ``torchrun --nproc-per-node N -m clinadapt.cli run ...`` starts N processes; each joins the
 process group (gloo on the CPU, NCCL on CUDA, one GPU per process: ``cuda:$LOCAL_RANK``).
-Training splits every global batch (the same batches, in the same order, as one process draws)
-between the processes: process r takes positions r, r+N, ... of it, which is what
-``torch.utils.data.DistributedSampler`` does to a whole epoch, kept inside each batch so the
-global batches stay those of one process. After the backward pass the gradients are summed
-over the processes (one all-reduce of a flat buffer; each process weighted its loss by its
-share of the batch), which is the average DistributedDataParallel computes, also when the
-last batch splits unevenly or leaves a process empty. So N processes train the model one
-process would, up to the order of floating-point sums. BatchNorm layers normalise with the
-statistics of each process's part of the batch (as DistributedDataParallel without
-SyncBatchNorm); the running statistics of process 0 are kept.
+Training draws the global batches one process draws (:class:`ShardSampler`, a
+``DistributedSampler``): process r loads positions r, r+N, ... of each. The trained module runs
+inside ``DistributedDataParallel`` (:func:`wrap`), whose bucketed all-reduce of the gradients
+overlaps the backward pass; each process weights its loss by its share of the global batch
+(:func:`ddp_loss`), so DDP's average is the gradient of the global batch's mean loss, also when
+the last batch splits unevenly or leaves a process without an image (:func:`idle_loss`). So N
+processes train the model one process would, up to the order of floating-point sums, except
+that BatchNorm layers normalise with each process's part of the batch (see :func:`wrap`).
 
 Only process 0 writes records, checkpoints, weights and the fit cache, and only it prints.
 """
@@ -19,15 +17,16 @@ Only process 0 writes records, checkpoints, weights and the fit cache, and only 
 from __future__ import annotations
 
 import atexit
-import math
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data.distributed import DistributedSampler
 
 from clinadapt.data.loading import Batch, auto_workers, batch_chunks, iter_batches
 from clinadapt.errors import ConfigError
@@ -57,7 +56,11 @@ class World:
 
     def describe(self) -> dict[str, object]:
         """For the record: how many processes trained, and how they talked."""
-        return {"processes": self.size, "backend": self.backend}
+        return {
+            "processes": self.size,
+            "backend": self.backend,
+            "wrapper": "DistributedDataParallel",
+        }
 
 
 def launched() -> bool:
@@ -124,55 +127,159 @@ def _leave() -> None:
         dist.destroy_process_group()
 
 
-def my_part(positions: np.ndarray, w: World | None = None) -> np.ndarray:
-    """This process's positions of a global batch: every N-th, starting at its rank."""
-    w = w or world()
-    return positions[w.rank :: w.size]
+class ShardSampler(DistributedSampler):
+    """The batches one process draws, each split between the processes.
+
+    A ``torch.utils.data.distributed.DistributedSampler`` whose epoch is the global batches of
+    :func:`batch_chunks` (``batch_size`` positions each, shuffled with ``seed + epoch``; call
+    :meth:`set_epoch` before each epoch), of which this process takes positions
+    ``rank, rank + N, ...`` of every batch: the rule DistributedSampler applies to a whole
+    epoch, kept within each batch so that N processes step on the global batches one process
+    draws. Unlike DistributedSampler it pads nothing: a short last batch leaves the processes
+    with parts of unequal size, or none (they still join the step: :func:`load_shards`).
+    Iterating gives this process's positions; :meth:`parts` gives them batch by batch.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+        w = world()
+        super().__init__(
+            range(n),  # type: ignore[arg-type]  # a sized stand-in: positions 0..n-1
+            num_replicas=w.size if num_replicas is None else num_replicas,
+            rank=w.rank if rank is None else rank,
+            shuffle=shuffle,
+            seed=seed,
+        )
+        self.n, self.batch_size = n, batch_size
+
+    def global_batches(self) -> list[np.ndarray]:
+        """This epoch's batches: the positions one process would train on, batch by batch."""
+        seed = self.seed + self.epoch
+        return batch_chunks(self.n, self.batch_size, shuffle=self.shuffle, seed=seed)
+
+    def shards(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """This epoch's ``(this process's part, the whole batch)`` pairs (a part may be empty)."""
+        return [(b[self.rank :: self.num_replicas], b) for b in self.global_batches()]
+
+    def parts(self) -> list[np.ndarray]:
+        """This process's part of each of this epoch's batches (some may be empty)."""
+        return [part for part, _ in self.shards()]
+
+    def __iter__(self) -> Iterator[int]:
+        for part in self.parts():
+            yield from part.tolist()
+
+    def __len__(self) -> int:
+        full, last = divmod(self.n, self.batch_size)
+        mine = len(range(self.rank, self.batch_size, self.num_replicas))
+        return full * mine + len(range(self.rank, last, self.num_replicas))
 
 
-def split_batches(
+def load_shards(
     ds: ClinicalDataset,
     preprocess: Callable[[list[np.ndarray]], torch.Tensor],
-    batch_size: int,
+    sampler: ShardSampler,
     *,
-    shuffle: bool,
-    seed: int,
     workers: int | None = None,
     pin_memory: bool = False,
     device: str | torch.device | None = None,
-) -> Iterator[tuple[Batch | None, np.ndarray]]:
-    """The batches one process would draw (:func:`batch_chunks`), each as ``(this process's
-    part, loaded, or None when it holds no image of it; the whole batch's positions)``; images
-    preprocessed on ``device`` when given (see :func:`clinadapt.data.loading.iter_batches`)."""
-    w = world()
-    chunks = batch_chunks(len(ds), batch_size, shuffle=shuffle, seed=seed)
-    parts = [my_part(c, w) for c in chunks]
+) -> Iterator[tuple[Batch, np.ndarray]]:
+    """This epoch's batches of ``sampler`` as ``(this process's part, loaded; the whole batch's
+    positions)``. Each process loads only its part. A process with no image in a (short, last)
+    batch gets a part of zero images, shaped as the batch's first image (loaded for its shape),
+    so that it can still take part in the step (:func:`idle_loss`). Images are preprocessed on
+    ``device`` when given (see :func:`clinadapt.data.loading.iter_batches`)."""
+    shards = sampler.shards()
+    wanted = [part if len(part) else batch[:1] for part, batch in shards]
     n = auto_workers(ds) if workers is None else workers
-    loaded = iter_batches(ds, preprocess, [p for p in parts if len(p)], n, pin_memory, device)
-    for chunk, part in zip(chunks, parts, strict=True):
-        yield (next(loaded) if len(part) else None), chunk
+    loaded = iter_batches(ds, preprocess, wanted, n, pin_memory, device)
+    for (part, batch), (x, y, pos) in zip(shards, loaded, strict=True):
+        if not len(part):
+            x, y, pos = x[:0], y[:0], part
+        yield (x, y, pos), batch
 
 
-def sharded_step(
-    loss_of: Callable[[torch.Tensor], torch.Tensor],
-    batch: torch.Tensor,
-    params: Sequence[torch.nn.Parameter],
-) -> float:
-    """Backward pass of one global ``batch`` of indices (into tensors every process holds):
-    this process's part of it, weighted by its share, gradients summed over the processes.
-    Returns the global batch's mean loss (non-finite: nothing was backpropagated here)."""
+def wrap(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` inside ``DistributedDataParallel`` when several processes train; else itself.
+
+    Train through the returned module (its forward), step the optimiser on ``module``'s
+    parameters. DDP gives every process rank 0's parameters and buffers when it wraps (the same
+    start), and all-reduces the gradients of the trainable parameters (``requires_grad``; the
+    frozen rest is not DDP's concern) in buckets while the backward pass runs, then divides
+    them by N: each process weights its loss with :func:`ddp_loss`. On a CUDA device it uses
+    that GPU (``device_ids=[local_rank]``). ``static_graph=True``: the same parameters take part
+    in every step, so DDP finds, in the first step, trainable parameters that the loss does
+    not reach (a head left out, a prompt a model does not use) and all-reduces without them
+    from then on, at no cost per step (``find_unused_parameters=True`` would search the graph
+    at every step). BatchNorm: DDP broadcasts rank 0's buffers (running statistics) before each
+    forward pass (``broadcast_buffers``), and each process normalises with the statistics of its
+    own part of the batch, not the global batch's as one process does; ``SyncBatchNorm``
+    would compute global statistics but torch supports it only on GPUs (not on the CPU with
+    gloo), so it is not applied.
+    """
     w = world()
-    value = 0.0
-    part = batch[w.rank :: w.size]
-    if len(part):
-        loss = loss_of(part)
-        if w.active:
-            loss = loss * (len(part) / len(batch))
-        value = loss.item()
-        if math.isfinite(value):
-            loss.backward()
-    sum_gradients(params)
-    return sum_over(value)
+    if not w.active:
+        return module
+    trained = [p for p in module.parameters() if p.requires_grad]
+    if not trained:
+        raise ConfigError(
+            f"{type(module).__name__} has no trainable parameter for DistributedDataParallel"
+        )
+    device = trained[0].device
+    return DistributedDataParallel(
+        module,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        static_graph=True,
+    )
+
+
+def ddp_loss(loss: torch.Tensor, share: float) -> torch.Tensor:
+    """What this process backpropagates through :func:`wrap`'s module: its part's mean
+    ``loss`` times ``share``, its part's share of the global batch's mean loss (its images'
+    fraction, or its share of the class weights), times N, since DDP divides the summed
+    gradients by N. The result is the gradient of the global batch's mean loss, as in one
+    process (where ``loss`` is returned as it is)."""
+    w = world()
+    return loss * (share * w.size) if w.active else loss
+
+
+def idle_loss(output: torch.Tensor) -> torch.Tensor:
+    """The loss of a process that holds no image of a global batch: zero, computed from the
+    (empty) output of a forward pass through the wrapped module, so that its backward pass
+    joins DDP's all-reduce of the gradients (without it the other processes would wait)."""
+    return output.sum() * 0.0
+
+
+def backward_part(
+    net: torch.nn.Module,
+    inputs: torch.Tensor,
+    part: np.ndarray,
+    batch_size: int,
+    loss_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> float:
+    """Forward and backward pass of this process's ``part`` (row indices) of a global batch of
+    ``batch_size`` rows of ``inputs``, a tensor every process holds (e.g. cached features),
+    through ``net`` (:func:`wrap`); ``loss_of(output, rows)`` is the mean loss of those rows.
+    Returns the global batch's mean loss, in every process (non-finite: check it before
+    stepping)."""
+    rows = torch.as_tensor(part, dtype=torch.long, device=inputs.device)
+    output = net(inputs[rows])
+    if len(rows):
+        loss, share = loss_of(output, rows), len(rows) / batch_size
+    else:  # no row of this (short, last) batch: join the step with nothing
+        loss, share = idle_loss(output), 0.0
+    ddp_loss(loss, share).backward()
+    return sum_over(loss.item() * share)
 
 
 def sum_over(value: float | torch.Tensor, device: str | torch.device = "cpu") -> float:
@@ -184,31 +291,6 @@ def sum_over(value: float | torch.Tensor, device: str | torch.device = "cpu") ->
     return float(t.item())
 
 
-def sum_gradients(params: Sequence[torch.nn.Parameter]) -> None:
-    """Sum the gradients of ``params`` over the processes, in one flat all-reduce.
-
-    A parameter with a gradient in some process (not in one that had no image in the batch)
-    counts as zero where it has none and gets the sum everywhere; one without a gradient in
-    any process keeps none, so the optimiser skips it as it would in one process.
-    """
-    if not world().active or not params:
-        return
-    device = params[0].device
-    has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)
-    dist.all_reduce(has)
-    used = [p for p, h in zip(params, has.tolist(), strict=True) if h > 0]
-    if not used:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in used]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    offset = 0
-    for p in used:
-        n = p.numel()
-        p.grad = flat[offset : offset + n].view_as(p).clone()
-        offset += n
-
-
 def broadcast_tensors(tensors: Iterable[torch.Tensor]) -> None:
     """Give every process rank 0's values of ``tensors`` (in place)."""
     if not world().active:
@@ -218,23 +300,18 @@ def broadcast_tensors(tensors: Iterable[torch.Tensor]) -> None:
             dist.broadcast(t.data, src=0)
 
 
-def broadcast_module(module: torch.nn.Module) -> None:
-    """Give every process rank 0's parameters and buffers: the same start, and (after each
-    epoch) the same BatchNorm running statistics, so validation agrees everywhere."""
-    broadcast_tensors([*module.parameters(), *module.buffers()])
-
-
 __all__ = [
+    "ShardSampler",
     "World",
-    "broadcast_module",
+    "backward_part",
     "broadcast_tensors",
+    "ddp_loss",
+    "idle_loss",
     "init",
     "launched",
-    "my_part",
+    "load_shards",
     "one_process_only",
-    "sharded_step",
-    "split_batches",
-    "sum_gradients",
     "sum_over",
     "world",
+    "wrap",
 ]

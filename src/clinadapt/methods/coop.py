@@ -19,7 +19,7 @@ from pydantic import Field
 
 from clinadapt.classifier import ImageClassifier
 from clinadapt.data.base import ClinicalDataset
-from clinadapt.distributed import broadcast_module, sharded_step
+from clinadapt.distributed import ShardSampler, backward_part, wrap
 from clinadapt.errors import ClinadaptError, IncompatibleError
 from clinadapt.features import FeatureCache, resolve_cache_dir
 from clinadapt.methods.base import METHODS, Context, FitMethod
@@ -126,27 +126,28 @@ def train_prompt(
     ctx: Context,
     desc: str,
 ) -> list[dict[str, float]]:
-    """Minimise cross-entropy of ``head`` on fixed features; one row of history per epoch."""
-    n = len(feats)
-    steps = -(-n // ctx.batch_size)
-    params = [p for p in head.parameters() if p.requires_grad]
-    broadcast_module(head)  # under torchrun: every process starts from rank 0's context
+    """Minimise cross-entropy of ``head`` on fixed features; one row of history per epoch.
+
+    Under torchrun each process holds all the features and steps on its part of every global
+    batch (:class:`ShardSampler`), through DistributedDataParallel."""
+    net = wrap(head)  # under torchrun: every process starts from rank 0's context
+    sampler = ShardSampler(len(feats), ctx.batch_size, shuffle=True, seed=ctx.seed * 1000)
     history = []
-    gen = np.random.default_rng(ctx.seed)
-    pbar = bar(epochs * steps, desc)
+    pbar = bar(epochs * -(-len(feats) // ctx.batch_size), desc)
     try:
         for epoch in range(epochs):
             for group in opt.param_groups:
                 group["lr"] = epoch_lr(epoch, epochs, options.lr, options.warmup_epochs)
-            order = torch.as_tensor(gen.permutation(n), device=feats.device)
+            sampler.set_epoch(epoch)
             losses = []
-            for s in range(steps):
-                idx = order[s * ctx.batch_size : (s + 1) * ctx.batch_size]
+            for part, batch in sampler.shards():
                 opt.zero_grad(set_to_none=True)
-                value = sharded_step(
-                    lambda i: supervised_loss(head(feats[i]), labels[i], task, None, 0.0),
-                    idx,
-                    params,
+                value = backward_part(
+                    net,
+                    feats,
+                    part,
+                    len(batch),
+                    lambda logits, i: supervised_loss(logits, labels[i], task, None, 0.0),
                 )
                 if not math.isfinite(value):
                     raise ClinadaptError(

@@ -15,12 +15,14 @@ from safetensors.torch import load_file
 from clinadapt.classifier import ImageClassifier
 from clinadapt.data.base import ClinicalDataset
 from clinadapt.distributed import (
-    broadcast_module,
+    ShardSampler,
     broadcast_tensors,
-    split_batches,
-    sum_gradients,
+    ddp_loss,
+    idle_loss,
+    load_shards,
     sum_over,
     world,
+    wrap,
 )
 from clinadapt.errors import ClinadaptError, ConfigError, IncompatibleError
 from clinadapt.evaluation.metrics import compute_metrics, metric_names
@@ -126,14 +128,16 @@ class Finetune(FitMethod):
 
     def batch_loss(
         self,
-        model: ImageClassifier,
+        model: torch.nn.Module,
         x: torch.Tensor,
         y: torch.Tensor,
         task: str,
         weight: torch.Tensor | None,
         options: FinetuneOptions,
     ) -> torch.Tensor:
-        """The loss of one training batch (subclasses add auxiliary terms)."""
+        """The loss of one training batch (subclasses add auxiliary terms). ``model`` is the
+        classifier, or under torchrun its DistributedDataParallel wrapper: train through its
+        forward pass."""
         return supervised_loss(model(x), y, task, weight, options.label_smoothing)
 
     def fit(
@@ -171,42 +175,33 @@ class Finetune(FitMethod):
         best, best_state, best_epoch, stale = -math.inf, None, -1, 0
         scaler = ctx.grad_scaler()
         w = world()  # under torchrun: each process takes its part of every global batch
-        broadcast_module(model)  # every process starts from rank 0's weights
+        net = wrap(model)  # DistributedDataParallel under torchrun (rank 0's start everywhere)
+        sampler = ShardSampler(len(train), ctx.batch_size, shuffle=True, seed=ctx.seed * 1000)
         pbar = bar(total, self.name)
         try:
             for epoch in range(options.epochs):
                 model.train()
+                sampler.set_epoch(epoch)
                 losses = []
-                for part, batch in split_batches(
+                for (x, y, pos), batch in load_shards(
                     train,
                     model.preprocess,
-                    ctx.batch_size,
-                    shuffle=True,
-                    seed=ctx.seed * 1000 + epoch,
+                    sampler,
                     workers=ctx.loader_workers,
                     pin_memory=str(ctx.device).startswith("cuda"),
                     device=ctx.device,
                 ):
                     opt.zero_grad(set_to_none=True)
-                    value = 0.0
-                    if part is not None:
-                        x, y, pos = part
-                        with ctx.autocast():
-                            loss = self.batch_loss(
-                                model,
-                                x.to(ctx.device),
-                                y.to(ctx.device),
-                                train.task,
-                                weight,
-                                options,
-                            )
-                        if w.active:  # the summed gradients are those of the global batch
-                            loss = loss * batch_share(train.labels, train.task, pos, batch, weight)
-                        value = loss.item()
-                        if math.isfinite(value):
-                            scaler.scale(loss).backward()  # fp16: small gradients survive
-                    sum_gradients(params)
-                    value = sum_over(value)  # the global batch's loss, in every process
+                    x, y = x.to(ctx.device), y.to(ctx.device)
+                    with ctx.autocast():
+                        if len(pos):
+                            loss = self.batch_loss(net, x, y, train.task, weight, options)
+                            share = batch_share(train.labels, train.task, pos, batch, weight)
+                        else:  # no image of this (short, last) batch: join the step with 0
+                            loss, share = idle_loss(net(x)), 0.0
+                    # every process runs its backward pass (DDP's all-reduce waits for all)
+                    scaler.scale(ddp_loss(loss, share)).backward()  # fp16: small gradients live
+                    value = sum_over(loss.item() * share)  # the global batch's loss, everywhere
                     if not math.isfinite(value):
                         raise ClinadaptError(
                             f"{self.name}: non-finite loss at epoch {epoch}; lower the learning "

@@ -22,7 +22,7 @@ from pydantic import Field
 
 from clinadapt.classifier import ImageClassifier
 from clinadapt.data.base import ClinicalDataset
-from clinadapt.distributed import sharded_step
+from clinadapt.distributed import ShardSampler, backward_part, wrap
 from clinadapt.methods.base import METHODS, Context
 from clinadapt.methods.budget import CrossValidatedOptions, n_cv_folds, stratified_folds
 from clinadapt.methods.frozen import (
@@ -206,6 +206,30 @@ def _text_weights(
     return zeroshot_weights(model.encoder, data.class_names, templates).float().cpu()
 
 
+class CacheLogits(torch.nn.Module):
+    """Tip-Adapter-F's trained part: :func:`tip_logits` of unit-norm features with the cache
+    keys as the one parameter (the values, text weights, alpha and beta stay fixed)."""
+
+    def __init__(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        text: torch.Tensor | None,
+        logit_scale: float,
+        alpha: float,
+        beta: float,
+    ) -> None:
+        super().__init__()
+        self.keys = torch.nn.Parameter(keys.clone())
+        self.values, self.text = values, text
+        self.logit_scale, self.alpha, self.beta = logit_scale, alpha, beta
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return tip_logits(
+            f, self.keys, self.values, self.text, self.logit_scale, self.alpha, self.beta
+        )
+
+
 @METHODS.register("tip-adapter")
 class TipAdapter(FrozenFeatureMethod):
     """Build the cache from the support features; search alpha and beta within the budget."""
@@ -334,30 +358,25 @@ class TipAdapterF(TipAdapter):
         paper trains on augmented views of the support images; the keys here train on the
         cached (unaugmented) features, so the backbone still runs once per image.
         """
-        g = torch.Generator().manual_seed(ctx.seed)
         f = F.normalize(torch.from_numpy(support.x).float(), dim=-1)
         y = torch.from_numpy(support.y).long()
         fv = F.normalize(torch.from_numpy(val.x).float(), dim=-1) if val is not None else None
-        trained = torch.nn.Parameter(keys.clone())
+        cache = CacheLogits(keys, values, text, scale, options.alpha, options.beta)
+        trained = cache.keys
+        net = wrap(cache)  # under torchrun: DistributedDataParallel, rank 0's keys everywhere
         opt = torch.optim.AdamW([trained], lr=options.lr, eps=1e-4)
+        sampler = ShardSampler(len(f), options.batch_size, shuffle=True, seed=ctx.seed * 1000)
         steps = options.epochs * -(-len(f) // options.batch_size)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
         best, best_keys, history = -math.inf, keys, []
         pbar = bar(steps, self.name)
         try:
             for epoch in range(options.epochs):
-                order = torch.randperm(len(f), generator=g)
-                for start in range(0, len(f), options.batch_size):
+                sampler.set_epoch(epoch)
+                for part, batch in sampler.shards():  # this process's part of each batch
                     opt.zero_grad(set_to_none=True)
-                    loss = sharded_step(  # under torchrun: this process's part of the batch
-                        lambda i: F.cross_entropy(
-                            tip_logits(
-                                f[i], trained, values, text, scale, options.alpha, options.beta
-                            ),
-                            y[i],
-                        ),
-                        order[start : start + options.batch_size],
-                        [trained],
+                    loss = backward_part(
+                        net, f, part, len(batch), lambda logits, i: F.cross_entropy(logits, y[i])
                     )
                     opt.step()
                     sched.step()
@@ -365,9 +384,7 @@ class TipAdapterF(TipAdapter):
                 row = {"epoch": epoch, "loss": loss}
                 with torch.no_grad():
                     if fv is not None:
-                        pred = tip_logits(
-                            fv, trained, values, text, scale, options.alpha, options.beta
-                        ).argmax(1)
+                        pred = cache(fv).argmax(1)
                         score = _balanced_accuracy(val.y, pred.numpy())
                         row["val_balanced_accuracy"] = score
                         if score > best:
