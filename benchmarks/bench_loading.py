@@ -6,7 +6,9 @@ A folder of grey PNGs (two classes) is written to a temporary directory, then re
 of 64 with the 224-pixel, three-channel preprocessing of an ImageNet backbone, as a GPU run would
 read it. Both paths are timed side by side in one process (the settings interleaved, best of
 ``--repeats``), each checked against the float path without workers, and the bytes per image
-each path moves from the workers to the device are printed.
+each path moves from the workers to the device are printed. Then ``--epochs`` passes over the
+folder, as a training loop makes them, with workers started for each pass against workers kept
+from one pass to the next (``data.loading.keep_workers``).
 
 Run: ``OMP_NUM_THREADS=1 python benchmarks/bench_loading.py [--images 512] [--size 256]
 [--device cuda]`` (with CUDA each batch is pinned and copied to the GPU ``non_blocking``).
@@ -15,6 +17,7 @@ Run: ``OMP_NUM_THREADS=1 python benchmarks/bench_loading.py [--images 512] [--si
 from __future__ import annotations
 
 import argparse
+import contextlib
 import tempfile
 import time
 import warnings
@@ -25,7 +28,7 @@ import torch
 from PIL import Image
 
 from clinadapt.data import load_dataset
-from clinadapt.data.loading import available_cpus
+from clinadapt.data.loading import available_cpus, keep_workers
 from clinadapt.models.base import Preprocessing
 
 IMAGENET = Preprocessing(
@@ -60,6 +63,27 @@ def read_all(ds, path: str, workers: int, device: str) -> tuple[float, torch.Ten
     return time.perf_counter() - t, out
 
 
+def epochs(ds, workers: int, device: str, n: int, kept: bool) -> float:
+    """Seconds for ``n`` shuffled passes (uint8 path), workers kept between them or not."""
+    cuda = device.startswith("cuda")
+    t = time.perf_counter()
+    with keep_workers() if kept else contextlib.nullcontext():
+        for epoch in range(n):
+            for x, _, _ in ds.batches(
+                IMAGENET,
+                BATCH,
+                shuffle=True,
+                seed=epoch,
+                workers=workers,
+                pin_memory=cuda,
+                device=device,
+            ):
+                x.sum()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
 def bytes_per_image(ds) -> tuple[float, float]:
     """Bytes of one image as the float path and as the uint8 path move it to the device."""
     imgs = [ds.image(i) for i in range(min(BATCH, len(ds)))]
@@ -76,6 +100,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="where the batches go (cuda: pinned memory)")
     ap.add_argument("--workers", default="0,2,4", help="DataLoader workers to compare")
     ap.add_argument("--repeats", type=int, default=2, help="passes per setting (best counts)")
+    ap.add_argument("--epochs", type=int, default=4, help="passes for the kept-workers check")
     args = ap.parse_args()
     settings = [int(w) for w in args.workers.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
@@ -108,6 +133,14 @@ def main() -> None:
                 f"  workers {workers}: float path {len(ds) / f:6.0f} images/s, uint8 path "
                 f"{len(ds) / u:6.0f} images/s ({f / u:.2f}x the float path; "
                 f"{base / u:.2f}x the float path with {settings[0]} workers)"
+            )
+        for workers in [w for w in settings if w > 0]:
+            fresh = epochs(ds, workers, args.device, args.epochs, kept=False)
+            kept = epochs(ds, workers, args.device, args.epochs, kept=True)
+            print(
+                f"  {args.epochs} epochs, workers {workers}: started each epoch "
+                f"{args.epochs * len(ds) / fresh:6.0f} images/s, kept "
+                f"{args.epochs * len(ds) / kept:6.0f} images/s ({fresh / kept:.2f}x)"
             )
 
 

@@ -15,15 +15,18 @@ fails, is cut short or cannot import a package is reported and the next one runs
 Steps, in order (the most wanted first; the budget drops the last ones):
   check        packages, versions, the CUDA device
   demo         the demo's six runs on the GPU, wall time and balanced accuracies
-  finetune     training images/s of ViT-B/16 and ResNet-50 (224 px, batch 128): a bare PyTorch
-               loop in fp32, bf16, fp16 against clinadapt's finetune (fp32 with 0/4 loader
-               workers, bf16)
+  finetune     the input pipeline alone (float32 preprocessed on the CPU vs uint8 batches with
+               the float work on the GPU), then training images/s of ViT-B/16 and ResNet-50
+               (224 px, batch 128): a bare PyTorch loop on tensors already on the GPU in fp32,
+               bf16, fp16 against clinadapt's finetune (fp32 and bf16 with 0 loader workers,
+               bf16 with 4)
   tta          benchmarks/bench_tta.py (source, bn, tent vs the reference Tent, sar)
   paths        short runs through every method kind, target, pre-training and file loading
   precision    benchmarks/gpu_check_precision.py (fp32/bf16/fp16, tent from source.from, export)
   segmentation benchmarks/gpu_check_segmentation.py
   targets      benchmarks/bench_targets.py
-  loading      benchmarks/bench_loading.py (PNG decoding with 0/2/4 workers, pinned memory)
+  loading      benchmarks/bench_loading.py (PNGs, float vs uint8 path, 0/2/4 workers, pinned
+               memory; workers started per epoch vs kept)
   same         a source model trained once: source/bn/tent on the GPU vs the CPU (NLL within 1e-3)
 """
 
@@ -189,6 +192,18 @@ def step_finetune(rec: Rec, work: Path) -> None:
     batch, size = (128, 224) if rec.cuda else (4, 64)
     archs = ("vit_base_patch16_224", "resnet50") if rec.cuda else ("resnet18",)
     precisions = ("fp32", "bf16", "fp16") if rec.cuda else ("fp32", "bf16")
+    n = batch * steps
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (n + batch, size, size), dtype=np.uint8)
+    ds = ClinicalDataset(
+        "throughput",
+        ArraySource(images),
+        rng.integers(0, 4, n + batch),
+        ["a", "b", "c", "d"],
+        metadata={"split": np.array(["train"] * n + ["val"] * batch)},
+    )
+    train, val = ds.split("train"), ds.split("val")
+    input_pipeline(rec, train, batch, size)
     for arch in archs:
         key = f"{arch} train images/s, batch {batch}, {size} px"
         extra = {"img_size": size} if "vit" in arch else {}
@@ -224,21 +239,11 @@ def step_finetune(rec: Rec, work: Path) -> None:
                 fig[f"bare {precision} / fp32"] = fmt_ratio(bare[precision], bare["fp32"])
             rec.fig(key, dict(fig))
             del m, opt
-        # clinadapt's finetune: uint8 images in memory, preprocessed per batch on the CPU
-        n = batch * steps
-        rng = np.random.default_rng(0)
-        images = rng.integers(0, 256, (n + batch, size, size), dtype=np.uint8)
-        ds = ClinicalDataset(
-            "throughput",
-            ArraySource(images),
-            rng.integers(0, 4, n + batch),
-            ["a", "b", "c", "d"],
-            metadata={"split": np.array(["train"] * n + ["val"] * batch)},
-        )
-        train, val = ds.split("train"), ds.split("val")
+        # clinadapt's finetune: grey uint8 images in memory, batches stacked as uint8 (in the
+        # loader workers when there are any), pinned, the float work on the GPU
         method = METHODS.get("finetune")()
         opts = method.parse_options({"epochs": 1, "patience": None})
-        for precision, workers in (("fp32", 0), ("fp32", 4), ("bf16", 4)):
+        for precision, workers in (("fp32", 0), ("bf16", 0), ("bf16", 4)):
             torch.manual_seed(0)
             encoder = load_model(f"timm:{arch}", pretrained=False, **extra)
             model = ImageClassifier(encoder, 4).to(dev)
@@ -251,12 +256,37 @@ def step_finetune(rec: Rec, work: Path) -> None:
             ips = (n + batch) / (time.perf_counter() - t)
             fig[f"clinadapt finetune {precision}, {workers} loader workers"] = (
                 f"{ips:.0f} ({fmt_ratio(ips, bare[precision])} of the bare {precision} loop; "
-                "one epoch with its validation pass, uint8 images preprocessed on the CPU)"
+                "one epoch with its validation pass, uint8 batches, float work on the GPU)"
             )
             rec.fig(key, dict(fig))
             del model
         if rec.cuda:
             torch.cuda.empty_cache()
+
+
+def input_pipeline(rec: Rec, ds: Any, batch: int, size: int) -> None:
+    """Images/s of the batches alone, onto the device as a 3-channel model's input: float32
+    preprocessed on the CPU then copied (the path before) vs uint8 copied, float on the device."""
+    from clinadapt.models.base import Preprocessing
+
+    pp = Preprocessing((size, size), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 3)
+
+    def rate(workers: int, on: str | None) -> float:
+        t = time.perf_counter()
+        for x, _, _ in ds.batches(pp, batch, workers=workers, pin_memory=rec.cuda, device=on):
+            x.to(rec.device, non_blocking=rec.cuda)
+        sync(rec)
+        return len(ds) / (time.perf_counter() - t)
+
+    rate(0, rec.device)  # warm-up: kernels, pinned-memory pool
+    fig: dict[str, str] = {}
+    for workers in (0, 4):
+        old, new = rate(workers, None), rate(workers, rec.device)
+        fig[f"{workers} workers: float32 on the CPU"] = f"{old:.0f}"
+        fig[f"{workers} workers: uint8, float on the device"] = (
+            f"{new:.0f} ({fmt_ratio(new, old)} the float32 path)"
+        )
+        rec.fig(f"input pipeline images/s, grey {size} px uint8 in memory, batch {batch}", fig)
 
 
 def step_paths(rec: Rec, work: Path) -> None:
@@ -492,6 +522,8 @@ def plan(device: str, steps: int) -> list[tuple[str, float, list[str] | None]]:
                 str(BENCH / "bench_loading.py"),
                 f"--device={device}",
                 f"--images={512 if cuda else 64}",
+                "--repeats=1",
+                "--epochs=3",
             ],
         ),
         ("same", 40, None),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from PIL import Image
 
 from clinadapt.config import RunConfig
 from clinadapt.data import load_dataset
-from clinadapt.data.loading import MAX_AUTO_WORKERS, auto_workers
+from clinadapt.data.loading import MAX_AUTO_WORKERS, auto_workers, keep_workers
 from clinadapt.errors import DataError
 from clinadapt.methods import Context
 from clinadapt.models import load_model
@@ -119,3 +120,56 @@ def test_a_run_on_files_is_the_same_with_and_without_workers(tmp_path):
         np.testing.assert_array_equal(p0[k], p2[k])
     assert json.dumps(rec0["metrics"]) == json.dumps(rec2["metrics"])
     assert rec0["training"]["history"] == rec2["training"]["history"]
+
+
+class WorkerPid:
+    """A one-stage preprocessing that says which process built each image."""
+
+    def __call__(self, imgs):
+        return torch.full((len(imgs), 1), float(os.getpid()))
+
+
+def pids(batches):
+    return {int(p) for x, _, _ in batches for p in x.flatten().tolist()}
+
+
+def test_kept_workers_serve_every_pass_and_stop_on_leaving(tmp_path):
+    ds = load_dataset(write_folder(tmp_path / "pngs", per_class=6))
+    pp = load_model("tiny-resnet").preprocess
+    want = [collect(ds.batches(pp, 5, workers=0, shuffle=True, seed=s)) for s in (0, 1)]
+    other = ds.subset(range(7))
+    with keep_workers():
+        # each pass its own order (the sampler is set anew), through the same workers
+        first = collect(ds.batches(pp, 5, workers=2, shuffle=True, seed=0))
+        second = collect(ds.batches(pp, 5, workers=2, shuffle=True, seed=1, device="cpu"))
+        assert_same(first, want[0])
+        assert_same(second, want[1])
+        assert_same(
+            collect(other.batches(pp, 3, workers=2)), collect(other.batches(pp, 3, workers=0))
+        )
+        where = WorkerPid()
+        kept = [pids(ds.batches(where, 4, workers=2)) for _ in range(3)]
+        assert kept[0] == kept[1] == kept[2] and os.getpid() not in kept[0]
+        # a pass left half-way does not leak its batches into the next one
+        next(iter(ds.batches(pp, 5, workers=2, device="cpu")))
+        assert_same(collect(ds.batches(pp, 5, workers=2, device="cpu")), want_plain(ds, pp))
+    for pid in kept[0]:  # the workers ended with the block
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    fresh = [pids(ds.batches(where, 4, workers=2)) for _ in range(2)]
+    assert not fresh[0] & fresh[1]  # outside the block each pass starts its own
+
+
+def want_plain(ds, pp):
+    return collect(ds.batches(pp, 5, workers=0))
+
+
+def test_a_kept_worker_still_reports_a_corrupt_file_by_name(tmp_path):
+    root = write_folder(tmp_path / "pngs", per_class=4)
+    (root / "normal" / "normal-02.png").write_bytes(b"not a png")
+    ds = load_dataset(root)
+    pp = load_model("tiny-resnet").preprocess
+    with keep_workers():
+        for _ in range(2):
+            with pytest.raises(DataError, match=r"normal-02\.png"):
+                collect(ds.batches(pp, 3, workers=2, device="cpu"))

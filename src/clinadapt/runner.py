@@ -23,6 +23,7 @@ from clinadapt.compute import describe as describe_compute
 from clinadapt.config import RunConfig
 from clinadapt.data import load_dataset
 from clinadapt.data.base import ClinicalDataset
+from clinadapt.data.loading import keep_workers
 from clinadapt.distributed import init as join_processes
 from clinadapt.distributed import world as process_world
 from clinadapt.errors import ConfigError, DataError, IncompatibleError
@@ -242,7 +243,8 @@ def fit_source(
         f"training {cfg.model} with {method_name} on {budget.train.name} "
         f"({len(budget.train)} images, target {target})"
     )
-    summary = method.fit(model, budget.train, budget.val, opts, ctx)
+    with keep_workers():  # loader workers start once, not at every epoch and validation pass
+        summary = method.fit(model, budget.train, budget.val, opts, ctx)
     meta = classifier_metadata(model, method_name)
     if process_world().main:  # under torchrun only process 0 writes
         save_adapted(model, ckpt, base=cfg.model, target=info, metadata=meta)

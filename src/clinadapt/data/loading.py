@@ -12,6 +12,8 @@ through shared and pinned memory and over the bus, and no float work on the CPU.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import multiprocessing
 import os
@@ -110,25 +112,103 @@ def load_batch(
 
 
 class BatchSet(torch.utils.data.Dataset):
-    """Item ``j`` is the ``j``-th batch; a ``DataError`` comes back as a value, so the main
-    process raises it with its own message (not wrapped in a worker traceback)."""
+    """Item ``pos`` (an array of positions) is that batch, loaded; a ``DataError`` comes back as
+    a value, so the main process raises it with its own message (not wrapped in a worker
+    traceback)."""
 
-    def __init__(
-        self,
-        ds: ClinicalDataset,
-        host: Callable[[list[np.ndarray]], Any],
-        chunks: Sequence[np.ndarray],
-    ) -> None:
-        self.ds, self.host, self.chunks = ds, host, chunks
+    def __init__(self, ds: ClinicalDataset, host: Callable[[list[np.ndarray]], Any]) -> None:
+        self.ds, self.host = ds, host
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, pos: np.ndarray) -> Any:
+        try:
+            return load_batch(self.ds, self.host, pos)
+        except DataError as e:
+            return e
+
+
+class ChunkSampler(torch.utils.data.Sampler):
+    """The positions of each batch of a pass, in order; ``chunks`` is set anew for each pass."""
+
+    def __init__(self, chunks: Sequence[np.ndarray]) -> None:
+        self.chunks = list(chunks)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return iter(self.chunks)
 
     def __len__(self) -> int:
         return len(self.chunks)
 
-    def __getitem__(self, j: int) -> Any:
-        try:
-            return load_batch(self.ds, self.host, self.chunks[j])
-        except DataError as e:
-            return e
+
+class KeptLoader:
+    """A ``DataLoader`` whose workers outlive a pass (``persistent_workers``), with what it was
+    built for (held, so that the ids in its key stay theirs)."""
+
+    def __init__(self, ds: Any, preprocess: Any, loader: Any, sampler: ChunkSampler) -> None:
+        self.ds, self.preprocess, self.loader, self.sampler = ds, preprocess, loader, sampler
+
+    def close(self) -> None:
+        it = getattr(self.loader, "_iterator", None)  # torch keeps the persistent iterator here
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        self.loader._iterator = None
+
+
+_KEPT: contextvars.ContextVar[dict[tuple, KeptLoader] | None] = contextvars.ContextVar(
+    "kept_loaders", default=None
+)
+
+
+@contextlib.contextmanager
+def keep_workers() -> Iterator[None]:
+    """Inside, worker processes stay up from one pass over a dataset to the next (same dataset,
+    preprocessing, workers and pinning): the epochs of a training loop and its validation
+    passes start their workers once, not once per pass. All of them stop on leaving.
+
+    Starting workers costs a fork each and the first batch comes late (measured on a 2-core CPU:
+    0.4 s with 2 workers, 0.65 s with 4, per pass). The datasets must not change inside."""
+    if _KEPT.get() is not None:  # nested: the outer one owns the workers
+        yield
+        return
+    kept: dict[tuple, KeptLoader] = {}
+    token = _KEPT.set(kept)
+    try:
+        yield
+    finally:
+        _KEPT.reset(token)
+        for entry in kept.values():
+            entry.close()
+
+
+def _loader(
+    ds: ClinicalDataset,
+    preprocess: Any,
+    host: Callable[[list[np.ndarray]], Any],
+    chunks: Sequence[np.ndarray],
+    workers: int,
+    pin_memory: bool,
+) -> torch.utils.data.DataLoader:
+    kept = _KEPT.get()
+    persistent = kept is not None and workers > 0
+    key = (id(ds), id(preprocess), type(host).__name__, workers, pin_memory)
+    if persistent and key in kept:
+        kept[key].sampler.chunks = list(chunks)
+        return kept[key].loader
+    sampler = ChunkSampler(chunks)
+    loader = torch.utils.data.DataLoader(
+        BatchSet(ds, host),
+        batch_size=None,  # each item is already a batch
+        sampler=sampler,
+        num_workers=min(workers, len(chunks)),
+        collate_fn=_as_is,
+        pin_memory=pin_memory and torch.cuda.is_available(),
+        persistent_workers=persistent,
+    )
+    if persistent:
+        kept[key] = KeptLoader(ds, preprocess, loader, sampler)
+    return loader
 
 
 def _as_is(item: Any) -> Any:
@@ -144,21 +224,15 @@ def iter_batches(
     device: str | torch.device | None = None,
 ) -> Iterator[Batch]:
     """Yield the batches of ``chunks`` in order: in this process when ``workers`` is 0 and
-    nothing is pinned, else through a ``DataLoader`` with that many worker processes.
+    nothing is pinned, else through a ``DataLoader`` with that many worker processes (kept
+    for the next pass inside :func:`keep_workers`).
 
     With a ``device``, the images come out on it, preprocessed there (see :func:`stages`)."""
     host, finish = stages(preprocess, device)
     if workers == 0 and not pin_memory:
         items: Iterable[Any] = (load_batch(ds, host, pos) for pos in chunks)
     else:
-        items = torch.utils.data.DataLoader(
-            BatchSet(ds, host, chunks),
-            batch_size=None,  # each item is already a batch
-            shuffle=False,
-            num_workers=min(workers, len(chunks)),
-            collate_fn=_as_is,
-            pin_memory=pin_memory and torch.cuda.is_available(),
-        )
+        items = _loader(ds, preprocess, host, chunks, workers, pin_memory)
     for item in items:
         if isinstance(item, DataError):
             raise item
