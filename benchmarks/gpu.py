@@ -267,6 +267,8 @@ def step_finetune(rec: Rec, work: Path) -> None:
 def input_pipeline(rec: Rec, ds: Any, batch: int, size: int) -> None:
     """Images/s of the batches alone, onto the device as a 3-channel model's input: float32
     preprocessed on the CPU then copied (the path before) vs uint8 copied, float on the device."""
+    import numpy as np
+
     from clinadapt.models.base import Preprocessing
 
     pp = Preprocessing((size, size), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 3)
@@ -280,6 +282,14 @@ def input_pipeline(rec: Rec, ds: Any, batch: int, size: int) -> None:
 
     rate(0, rec.device)  # warm-up: kernels, pinned-memory pool
     fig: dict[str, str] = {}
+    # the same images through both paths: the device's kernels against the CPU's (the resize
+    # is antialiased in both); on the CPU the two are bit for bit equal (tests)
+    imgs = [ds.image(i) for i in range(min(batch, len(ds)))]
+    for shape in ((size, size), (size + 32, size + 17)):  # native size, and a resize
+        views = [np.resize(im, shape) for im in imgs]
+        cpu = pp(views)
+        dev = pp.device_stage(pp.host_stage(views), rec.device).cpu()
+        fig[f"max |device - CPU| at {shape[0]}x{shape[1]}"] = f"{(dev - cpu).abs().max():.2e}"
     for workers in (0, 4):
         old, new = rate(workers, None), rate(workers, rec.device)
         fig[f"{workers} workers: float32 on the CPU"] = f"{old:.0f}"
