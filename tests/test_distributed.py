@@ -188,14 +188,10 @@ def test_only_data_parallel_methods_run_in_several_processes(tmp_path):
             check_data_parallel(RunConfig(method=method), METHODS.get(method)())
 
 
-def test_pretrain_and_the_few_shot_sweep_refuse_several_processes(tmp_path, monkeypatch):
+def test_the_few_shot_sweep_refuses_several_processes(tmp_path, monkeypatch):
     from clinadapt.fewshot_sweep import run_fewshot_sweep
-    from clinadapt.ssl.config import PretrainConfig
-    from clinadapt.ssl.trainer import pretrain
 
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it
-    with pytest.raises(ConfigError, match="clinadapt pretrain runs as one process"):
-        pretrain(PretrainConfig(method="simclr", model="tiny-vit", out_dir=str(tmp_path)))
     with pytest.raises(ConfigError, match="clinadapt fewshot runs as one process"):
         run_fewshot_sweep(RunConfig(out_dir=str(tmp_path)))
     assert not list(tmp_path.iterdir())

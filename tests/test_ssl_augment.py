@@ -21,10 +21,16 @@ from clinadapt.ssl.augment import (
     rgb_to_hed,
     stain_jitter,
 )
+from clinadapt.ssl.draws import ImageDraws
 
 
 def gen(seed=0):
     return torch.Generator().manual_seed(seed)
+
+
+def per_image(x, seed=0):
+    """One generator per image of ``x``."""
+    return ImageDraws.seeded(seed, len(x))
 
 
 def test_policies_follow_modality():
@@ -50,7 +56,7 @@ def test_random_resized_crop_geometry():
     img = torch.stack([xs.view(1, -1).expand(h, w), xs.view(-1, 1).expand(h, w)])
     batch = img.unsqueeze(0).repeat(50, 1, 1, 1)
     lo, hi = 0.25, 0.9
-    out = random_resized_crop(batch, size, (lo, hi), gen(3))
+    out = random_resized_crop(batch, size, (lo, hi), per_image(batch, 3))
     assert out.shape == (50, 2, size, size)
     for o in out:
         x_first, x_last = o[0, 0, 0].item(), o[0, 0, -1].item()
@@ -64,40 +70,40 @@ def test_random_resized_crop_geometry():
         assert area <= hi + 1e-6 and area >= lo * 0.74
         assert 3 / 4 - 1e-6 <= cw / ch <= 4 / 3 + 1e-6 or min(cw, ch) >= 63.9
     with pytest.raises(ConfigError, match="crop scale"):
-        random_resized_crop(batch, size, (0.0, 0.5), gen())
+        random_resized_crop(batch, size, (0.0, 0.5), per_image(batch))
 
 
 def test_flips_and_rotations():
     x = torch.rand(6, 1, 5, 5, generator=gen())
-    assert torch.equal(random_flips(x, 1.0, 0.0, False, gen()), x.flip(-1))
-    assert torch.equal(random_flips(x, 0.0, 1.0, False, gen()), x.flip(-2))
-    assert torch.equal(random_flips(x, 0.0, 0.0, False, gen()), x)
-    r = random_flips(x, 0.0, 0.0, True, gen(1))
+    assert torch.equal(random_flips(x, 1.0, 0.0, False, per_image(x)), x.flip(-1))
+    assert torch.equal(random_flips(x, 0.0, 1.0, False, per_image(x)), x.flip(-2))
+    assert torch.equal(random_flips(x, 0.0, 0.0, False, per_image(x)), x)
+    r = random_flips(x, 0.0, 0.0, True, per_image(x, 1))
     for a, b in zip(r, x, strict=True):
         assert any(torch.equal(a, torch.rot90(b, k, dims=(-2, -1))) for k in range(4))
 
 
 def test_grey_intensity_formulas():
     x = torch.rand(4, 3, 6, 6, generator=gen())
-    assert torch.allclose(grey_intensity(x, 0.0, 0.4, 0.4, (0.7, 1.5), gen()), x, atol=1e-6)
+    assert torch.allclose(grey_intensity(x, 0.0, 0.4, 0.4, (0.7, 1.5), per_image(x)), x, atol=1e-6)
     # no brightness/contrast change and a fixed gamma: exactly x ** gamma
-    y = grey_intensity(x, 1.0, 0.0, 0.0, (2.0, 2.0), gen())
+    y = grey_intensity(x, 1.0, 0.0, 0.0, (2.0, 2.0), per_image(x))
     assert torch.allclose(y, x**2, atol=1e-6)
     # channels of a grey image stay equal (no colour is introduced)
     g = x[:, :1].expand(-1, 3, -1, -1)
-    z = grey_intensity(g, 1.0, 0.4, 0.4, (0.7, 1.5), gen())
+    z = grey_intensity(g, 1.0, 0.4, 0.4, (0.7, 1.5), per_image(g))
     assert torch.equal(z[:, 0], z[:, 1]) and torch.equal(z[:, 1], z[:, 2])
     assert z.min() >= 0 and z.max() <= 1
 
 
 def test_colour_jitter_and_grayscale():
     x = torch.rand(4, 3, 6, 6, generator=gen())
-    assert torch.allclose(colour_jitter(x, 1.0, 0.0, 0.0, 0.0, gen()), x)
-    grey = random_grayscale(x, 1.0, gen())
+    assert torch.allclose(colour_jitter(x, 1.0, 0.0, 0.0, 0.0, per_image(x)), x)
+    grey = random_grayscale(x, 1.0, per_image(x))
     lum = 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
     for c in range(3):
         assert torch.allclose(grey[:, c], lum, atol=1e-6)
-    y = colour_jitter(x, 1.0, 0.4, 0.4, 0.4, gen())
+    y = colour_jitter(x, 1.0, 0.4, 0.4, 0.4, per_image(x))
     assert y.shape == x.shape and not torch.allclose(y, x) and y.min() >= 0 and y.max() <= 1
 
 
@@ -110,33 +116,33 @@ def test_hed_round_trip_and_pure_stain():
     pixel = torch.exp(-c * od_h * -np.log(1e-6)).view(1, 3, 1, 1)
     hed = rgb_to_hed(pixel).view(3)
     assert hed.tolist() == pytest.approx([c, 0.0, 0.0], abs=1e-9)
-    assert torch.allclose(stain_jitter(x, 0.0, gen()), x)
-    y = stain_jitter(x.float(), 0.05, gen())
+    assert torch.allclose(stain_jitter(x, 0.0, per_image(x)), x)
+    y = stain_jitter(x.float(), 0.05, per_image(x.float()))
     assert y.shape == x.shape and 0 < (y - x.float()).abs().max() < 0.5
 
 
 def test_gaussian_blur_matches_scipy():
     x = torch.rand(2, 1, 20, 20, generator=gen(), dtype=torch.float64)
-    y = gaussian_blur(x, 1.0, (1.0, 1.0), gen())
+    y = gaussian_blur(x, 1.0, (1.0, 1.0), per_image(x))
     for a, b in zip(x, y, strict=True):
         ref = gaussian_filter(a[0].numpy(), 1.0, mode="mirror", truncate=3.0)
         assert np.allclose(b[0].numpy(), ref, atol=1e-6)
-    assert torch.equal(gaussian_blur(x, 0.0, (1.0, 2.0), gen()), x)
+    assert torch.equal(gaussian_blur(x, 0.0, (1.0, 2.0), per_image(x)), x)
 
 
 def test_gaussian_noise():
     x = torch.full((3, 1, 16, 16), 0.5)
-    assert torch.equal(gaussian_noise(x, 0.0, 0.1, gen()), x)
-    y = gaussian_noise(x, 1.0, 0.1, gen())
+    assert torch.equal(gaussian_noise(x, 0.0, 0.1, per_image(x)), x)
+    y = gaussian_noise(x, 1.0, 0.1, per_image(x))
     assert 0 < (y - x).std() < 0.1
 
 
 def test_augmenter_view_is_seeded_and_normalised():
     aug = Augmenter(policy_for_modality("xray"), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     x = torch.rand(5, 3, 64, 64, generator=gen())
-    a = aug.view(x, 32, (0.3, 1.0), gen(7))
-    b = aug.view(x, 32, (0.3, 1.0), gen(7))
-    c = aug.view(x, 32, (0.3, 1.0), gen(8))
+    a = aug.view(x, 32, (0.3, 1.0), per_image(x, 7))
+    b = aug.view(x, 32, (0.3, 1.0), per_image(x, 7))
+    c = aug.view(x, 32, (0.3, 1.0), per_image(x, 8))
     assert a.shape == (5, 3, 32, 32)
     assert torch.equal(a, b) and not torch.equal(a, c)
     # normalised from [0,1]: values lie in [(0-0.5)/0.25, (1-0.5)/0.25]

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from clinadapt.ssl.dino import DINOOptions, dino_loss, teacher_momentum, teacher_temperature
+from clinadapt.ssl.draws import ImageDraws
 from clinadapt.ssl.mae import masked_patch_loss, patchify, random_masking, sincos_pos_embed
 from clinadapt.ssl.simclr import nt_xent
 
@@ -101,8 +102,7 @@ def test_patchify_matches_unfold():
 
 
 def test_random_masking_keeps_a_quarter_and_restores_order():
-    g = torch.Generator().manual_seed(0)
-    keep, restore, mask = random_masking(3, 16, 0.75, g)
+    keep, restore, mask = random_masking(16, 0.75, ImageDraws.seeded(0, 3))
     assert keep.shape == (3, 4) and mask.shape == (3, 16)
     assert torch.all(mask.sum(1) == 12)
     for i in range(3):

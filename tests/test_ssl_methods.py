@@ -9,6 +9,7 @@ from clinadapt.errors import ConfigError, IncompatibleError
 from clinadapt.models import load_model
 from clinadapt.ssl import SSL_METHODS
 from clinadapt.ssl.augment import Augmenter, policy_for_modality
+from clinadapt.ssl.draws import ImageDraws
 from clinadapt.ssl.encode import accepts_size, encode, vit_tokens
 
 TINY = {
@@ -42,7 +43,7 @@ def test_loss_decreases_on_a_fixed_batch(method, images):
     losses = []
     for step in range(12):
         # the same views every step: the loss must fall if gradients reach backbone and heads
-        loss = m.training_loss(images, torch.Generator().manual_seed(0), step, 100)
+        loss = m.training_loss(images, ImageDraws.seeded(0, len(images)), step, 100)
         opt.zero_grad()
         loss.backward()
         m.before_optimizer_step(step, 100)
@@ -72,7 +73,7 @@ def test_mae_needs_a_timm_vit():
 def test_simclr_and_dino_take_other_backbones(model, images):
     for method in ("simclr", "dino"):
         m = make(method, model)
-        loss = m.training_loss(images[:4], torch.Generator().manual_seed(0), 0, 10)
+        loss = m.training_loss(images[:4], ImageDraws.seeded(0, 4), 0, 10)
         loss.backward()
         assert torch.isfinite(loss)
 
@@ -151,7 +152,7 @@ def test_mae_reconstructs_from_visible_patches_only():
 
 def test_dino_flags_collapse(images):
     m = make("dino")
-    m.training_loss(images[:8], torch.Generator().manual_seed(0), 0, 10)
+    m.training_loss(images[:8], ImageDraws.seeded(0, 8), 0, 10)
     d = m.diagnostics()
     assert (
         0 <= d["teacher_target_entropy"] <= d["entropy_of_uniform"] == pytest.approx(math.log(32))

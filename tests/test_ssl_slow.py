@@ -15,8 +15,8 @@ def test_simclr_pretraining_beats_random_init_on_a_linear_probe(tmp_path):
     # SimCLR (default temperature 0.5, crops of 40-100% of the image, 300 steps of 64) on the
     # unlabelled training and validation images of all four sites (371 images; the probe's test
     # images are not among them); the grey-scale policy's contrast and gamma changes mimic the
-    # scanners. Measured: probe balanced accuracy 0.27 at random init, 0.29 / 0.37 / 0.39 for
-    # seeds 0 / 1 / 2 (0.35 for seed 0 with the test images added, i.e. transductive).
+    # scanners. Measured (each image's views from its own generator): probe balanced accuracy
+    # 0.27 at random init, 0.41 / 0.29 / 0.37 for seeds 0 / 1 / 2; the test runs the median seed.
     cfg = make_config(
         model="tiny-vit",
         method="simclr",
@@ -25,7 +25,7 @@ def test_simclr_pretraining_beats_random_init_on_a_linear_probe(tmp_path):
         max_steps=300,
         batch_size=64,
         lr=3e-3,
-        seed=1,
+        seed=2,
         out_dir=str(tmp_path),
         eval_baseline=False,
     )

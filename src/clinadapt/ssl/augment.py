@@ -1,7 +1,8 @@
 """Augmentations for self-supervised views of medical images, batched on tensors.
 
 Every operation takes a float (N,C,H,W) batch in [0,1] and draws its own parameters per image
-from a ``torch.Generator``, so a step's views depend only on that generator (resumable runs).
+from that image's generator (:class:`~clinadapt.ssl.draws.ImageDraws`), so an image's views
+depend only on its seed, step and place in the global batch (resumable runs, several processes).
 The policy follows the modality: grey-scale images (X-ray, CT, MRI, OCT, ultrasound) get
 brightness, contrast and gamma changes instead of colour jitter; histology gets stain jitter in
 the haematoxylin-eosin-DAB space; photographs (dermoscopy, fundus) get colour jitter.
@@ -18,6 +19,7 @@ from torchvision.ops import roi_align
 
 from clinadapt.errors import ConfigError
 from clinadapt.models.base import LUMA_WEIGHTS
+from clinadapt.ssl.draws import ImageDraws
 
 GREY_MODALITIES = ("xray", "x-ray", "ct", "mri", "mr", "oct", "ultrasound", "us", "mammography")
 STAIN_MODALITIES = ("pathology", "histology", "histopathology", "microscopy", "cytology")
@@ -94,14 +96,14 @@ def random_resized_crop(
     x: torch.Tensor,
     size: int,
     scale: tuple[float, float],
-    gen: torch.Generator,
+    gen: ImageDraws,
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
 ) -> torch.Tensor:
     """Crop a random box per image (area fraction in ``scale``) and resize it to ``size``."""
     if not 0 < scale[0] <= scale[1] <= 1:
         raise ConfigError(f"crop scale must satisfy 0 < lo <= hi <= 1, got {scale}")
     n, _, h, w = x.shape
-    u = torch.rand(n, 4, generator=gen, dtype=torch.float64)
+    u = gen.rand(4, dtype=torch.float64)
     area = (scale[0] + (scale[1] - scale[0]) * u[:, 0]) * h * w
     log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1]
     aspect = torch.exp(log_r)
@@ -120,11 +122,10 @@ def _choose(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tenso
 
 
 def random_flips(
-    x: torch.Tensor, hflip: float, vflip: float, rot90: bool, gen: torch.Generator
+    x: torch.Tensor, hflip: float, vflip: float, rot90: bool, gen: ImageDraws
 ) -> torch.Tensor:
     """Flip left-right / up-down with the given probabilities; optionally rotate by k*90 degrees."""
-    n = x.shape[0]
-    u = torch.rand(n, 3, generator=gen)
+    u = gen.rand(3)
     if hflip > 0:
         x = _choose(u[:, 0] < hflip, x.flip(-1), x)
     if vflip > 0:
@@ -143,8 +144,8 @@ def random_flips(
 # --- intensity ---------------------------------------------------------------------------------
 
 
-def _uniform(n: int, lo: float, hi: float, gen: torch.Generator) -> torch.Tensor:
-    return lo + (hi - lo) * torch.rand(n, generator=gen)
+def _uniform(lo: float, hi: float, gen: ImageDraws) -> torch.Tensor:
+    return lo + (hi - lo) * gen.rand()
 
 
 def grey_intensity(
@@ -153,14 +154,13 @@ def grey_intensity(
     brightness: float,
     contrast: float,
     gamma: tuple[float, float],
-    gen: torch.Generator,
+    gen: ImageDraws,
 ) -> torch.Tensor:
     """Scale brightness, stretch contrast around the image mean and apply a gamma curve."""
-    n = x.shape[0]
-    apply = torch.rand(n, generator=gen) < p
-    b = _uniform(n, 1 - brightness, 1 + brightness, gen)
-    c = _uniform(n, 1 - contrast, 1 + contrast, gen)
-    g = torch.exp(_uniform(n, math.log(gamma[0]), math.log(gamma[1]), gen))
+    apply = gen.rand() < p
+    b = _uniform(1 - brightness, 1 + brightness, gen)
+    c = _uniform(1 - contrast, 1 + contrast, gen)
+    g = torch.exp(_uniform(math.log(gamma[0]), math.log(gamma[1]), gen))
     b, c, g = (torch.where(apply, v, torch.ones_like(v)).view(-1, 1, 1, 1) for v in (b, c, g))
     y = (x * b).clamp(0, 1)
     mean = y.mean(dim=(1, 2, 3), keepdim=True)
@@ -180,14 +180,13 @@ def colour_jitter(
     brightness: float,
     contrast: float,
     saturation: float,
-    gen: torch.Generator,
+    gen: ImageDraws,
 ) -> torch.Tensor:
     """SimCLR-style brightness, contrast and saturation jitter of RGB images."""
-    n = x.shape[0]
-    apply = torch.rand(n, generator=gen) < p
-    b = _uniform(n, 1 - brightness, 1 + brightness, gen)
-    c = _uniform(n, 1 - contrast, 1 + contrast, gen)
-    s = _uniform(n, 1 - saturation, 1 + saturation, gen)
+    apply = gen.rand() < p
+    b = _uniform(1 - brightness, 1 + brightness, gen)
+    c = _uniform(1 - contrast, 1 + contrast, gen)
+    s = _uniform(1 - saturation, 1 + saturation, gen)
     b, c, s = (torch.where(apply, v, torch.ones_like(v)).view(-1, 1, 1, 1) for v in (b, c, s))
     y = (x * b).clamp(0, 1)
     if y.shape[1] == 3:
@@ -201,11 +200,11 @@ def colour_jitter(
     return y
 
 
-def random_grayscale(x: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
+def random_grayscale(x: torch.Tensor, p: float, gen: ImageDraws) -> torch.Tensor:
     """Replace RGB images by their grey level with probability ``p``."""
     if p <= 0 or x.shape[1] != 3:
         return x
-    mask = torch.rand(x.shape[0], generator=gen) < p
+    mask = gen.rand() < p
     return _choose(mask, luma(x).expand_as(x), x)
 
 
@@ -226,24 +225,24 @@ def hed_to_rgb(hed: torch.Tensor) -> torch.Tensor:
     return torch.exp(-od).clamp(0, 1)
 
 
-def stain_jitter(x: torch.Tensor, sigma: float, gen: torch.Generator) -> torch.Tensor:
+def stain_jitter(x: torch.Tensor, sigma: float, gen: ImageDraws) -> torch.Tensor:
     """Perturb each stain: ``hed * alpha + beta``, alpha ~ U(1-s, 1+s), beta ~ U(-s, s)."""
     if sigma <= 0 or x.shape[1] != 3:
         return x
     n = x.shape[0]
-    alpha = (1 - sigma + 2 * sigma * torch.rand(n, 3, generator=gen)).view(n, 3, 1, 1)
-    beta = (-sigma + 2 * sigma * torch.rand(n, 3, generator=gen)).view(n, 3, 1, 1)
+    alpha = (1 - sigma + 2 * sigma * gen.rand(3)).view(n, 3, 1, 1)
+    beta = (-sigma + 2 * sigma * gen.rand(3)).view(n, 3, 1, 1)
     hed = rgb_to_hed(x)
     return hed_to_rgb(hed * alpha.to(x.dtype) + beta.to(x.dtype))
 
 
 def gaussian_blur(
-    x: torch.Tensor, p: float, sigma: tuple[float, float], gen: torch.Generator
+    x: torch.Tensor, p: float, sigma: tuple[float, float], gen: ImageDraws
 ) -> torch.Tensor:
     """Blur each image with probability ``p`` by a Gaussian of random width (pixels)."""
     n, c, h, w = x.shape
-    apply = torch.rand(n, generator=gen) < p
-    s = _uniform(n, sigma[0], sigma[1], gen)
+    apply = gen.rand() < p
+    s = _uniform(sigma[0], sigma[1], gen)
     if p <= 0 or not apply.any():
         return x
     radius = max(1, min(math.ceil(3 * float(s[apply].max())), (min(h, w) - 1) // 2))
@@ -260,14 +259,13 @@ def gaussian_blur(
     return y.view(n, c, h, w)
 
 
-def gaussian_noise(x: torch.Tensor, p: float, std: float, gen: torch.Generator) -> torch.Tensor:
+def gaussian_noise(x: torch.Tensor, p: float, std: float, gen: ImageDraws) -> torch.Tensor:
     """Add Gaussian noise of standard deviation U(0, std) to each image with probability ``p``."""
     if p <= 0:
         return x
-    n = x.shape[0]
-    apply = (torch.rand(n, generator=gen) < p).to(x.dtype)
-    s = (_uniform(n, 0.0, std, gen).to(x.dtype) * apply).view(-1, 1, 1, 1)
-    return (x + s * torch.randn(x.shape, generator=gen, dtype=x.dtype)).clamp(0, 1)
+    apply = (gen.rand() < p).to(x.dtype)
+    s = (_uniform(0.0, std, gen).to(x.dtype) * apply).view(-1, 1, 1, 1)
+    return (x + s * gen.randn(*x.shape[1:], dtype=x.dtype)).clamp(0, 1)
 
 
 # --- the pipeline ------------------------------------------------------------------------------
@@ -297,10 +295,12 @@ class Augmenter:
         x: torch.Tensor,
         size: int,
         scale: tuple[float, float],
-        gen: torch.Generator,
+        gen: ImageDraws,
         policy: AugmentPolicy | None = None,
     ) -> torch.Tensor:
         """One random view per image: crop, flips, intensity/stain/colour, blur, noise."""
+        if len(gen) != x.shape[0]:
+            raise ValueError(f"{len(gen)} image generators for a batch of {x.shape[0]} images")
         pol = policy or self.policy
         y = random_resized_crop(x, size, scale, gen)
         y = random_flips(y, pol.hflip, pol.vflip, pol.rot90, gen)

@@ -12,6 +12,7 @@ from torch import nn
 from clinadapt._registry import Registry
 from clinadapt.models.base import FoundationModel
 from clinadapt.ssl.augment import Augmenter
+from clinadapt.ssl.draws import ImageDraws
 from clinadapt.validate import parse_model
 
 SSL_METHODS: Registry = Registry("pre-training method")
@@ -53,9 +54,16 @@ class SSLMethod(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def training_loss(
-        self, images: torch.Tensor, gen: torch.Generator, step: int, total: int
+        self, images: torch.Tensor, gen: ImageDraws, step: int, total: int
     ) -> torch.Tensor:
-        """The loss of one batch of [0,1] images (views drawn from ``gen``) at ``step`` of ``total``."""
+        """The loss of one batch of [0,1] images (views drawn from ``gen``, one generator per
+        image) at ``step`` of ``total``. Under several processes ``images`` is this process's
+        part of the global batch and the loss its share of the global batch's loss (the
+        processes' losses sum to it; :mod:`clinadapt.ssl.collective`)."""
+
+    def forward(self, images: torch.Tensor, gen: ImageDraws, step: int, total: int) -> torch.Tensor:
+        """:meth:`training_loss` (what ``DistributedDataParallel`` calls)."""
+        return self.training_loss(images, gen, step, total)
 
     def after_step(self, step: int, total: int) -> None:
         """Update state outside the optimiser (a momentum teacher) after ``step``."""

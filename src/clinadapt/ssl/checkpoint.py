@@ -42,6 +42,11 @@ def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone().contiguous() for k, v in module.state_dict().items()}
 
 
+def backbone_path(model: FoundationModel, out_dir: str | Path) -> Path:
+    """Where :func:`save_backbone` writes ``model`` under ``out_dir`` (the ``weights`` path)."""
+    return Path(out_dir) / (BACKBONE_DIR if model.family == "hf" else BACKBONE_FILE)
+
+
 def save_backbone(
     model: FoundationModel,
     base_model: str,
@@ -49,18 +54,16 @@ def save_backbone(
     metadata: dict[str, str] | None = None,
 ) -> Path:
     """Write ``model``'s weights under ``out_dir``; return the path to pass as ``weights``."""
-    out_dir = Path(out_dir)
+    path = backbone_path(model, out_dir)
     meta = {"format": "pt", META_MODEL: base_model, "family": model.family, **(metadata or {})}
     meta = {k: str(v) for k, v in meta.items()}
     lib = library_model(model)
     data = save_safetensors(_tensors(lib), metadata=meta)
     if model.family == "hf":
-        folder = out_dir / BACKBONE_DIR
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(folder / "config.json", lib.config.to_json_string().encode())
-        atomic_write_bytes(folder / HF_WEIGHTS, data)
-        return folder
-    path = out_dir / BACKBONE_FILE
+        path.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path / "config.json", lib.config.to_json_string().encode())
+        atomic_write_bytes(path / HF_WEIGHTS, data)
+        return path
     atomic_write_bytes(path, data)
     return path
 

@@ -15,6 +15,8 @@ from clinadapt.models.base import FoundationModel
 from clinadapt.progress import status
 from clinadapt.ssl.augment import Augmenter
 from clinadapt.ssl.base import SSL_METHODS, Options, SSLMethod
+from clinadapt.ssl.collective import global_sum, share
+from clinadapt.ssl.draws import ImageDraws
 from clinadapt.ssl.encode import accepts_size, encode, timm_vit
 
 # Teacher targets whose entropy exceeds this fraction of log K carry almost no information.
@@ -197,7 +199,7 @@ class DINO(SSLMethod):
         return size
 
     def training_loss(
-        self, images: torch.Tensor, gen: torch.Generator, step: int, total: int
+        self, images: torch.Tensor, gen: ImageDraws, step: int, total: int
     ) -> torch.Tensor:
         o = self.options
         glob = torch.cat(
@@ -224,18 +226,31 @@ class DINO(SSLMethod):
         loss = dino_loss(
             student_views, teacher_views, self.center, o.student_temp, self.last_teacher_temp
         )
-        with torch.no_grad():
-            q = F.softmax((teacher - self.center) / self.last_teacher_temp, dim=-1)
-            self.last_target_entropy = float(-(q * q.clamp_min(1e-12).log()).sum(-1).mean())
-            top = q.argmax(-1)
-            self.last_top_share = float((top == top.mode().values).float().mean())
+        self._observe(teacher)
         self._update_center(teacher)
-        return loss
+        return share(loss, n)  # this process's part of the global batch's mean
+
+    @torch.no_grad()
+    def _observe(self, teacher_out: torch.Tensor) -> None:
+        """Entropy of the teacher targets and the most used prototype's share, over the global
+        batch."""
+        q = F.softmax((teacher_out.float() - self.center) / self.last_teacher_temp, dim=-1)
+        entropy = -(q * q.clamp_min(1e-12).log()).sum(-1)
+        votes = torch.bincount(q.argmax(-1), minlength=q.shape[1]).to(torch.float64)
+        sums = global_sum(
+            torch.cat([votes, torch.stack([entropy.sum().double(), votes.new_tensor(len(q))])])
+        )
+        rows = float(sums[-1])
+        self.last_target_entropy = float(sums[-2]) / rows
+        self.last_top_share = float(sums[:-2].max()) / rows
 
     @torch.no_grad()
     def _update_center(self, teacher_out: torch.Tensor) -> None:
+        """EMA of the teacher outputs' mean over the global batch (DINO's all-reduced centre)."""
         m = self.options.center_momentum
-        self.center.mul_(m).add_(teacher_out.mean(dim=0, keepdim=True), alpha=1 - m)
+        t = teacher_out.float()
+        sums = global_sum(torch.cat([t.sum(dim=0), t.new_tensor([len(t)])]))
+        self.center.mul_(m).add_((sums[:-1] / sums[-1]).unsqueeze(0), alpha=1 - m)
 
     def before_optimizer_step(self, step: int, total: int) -> None:
         if step < self.options.freeze_last_layer_steps:

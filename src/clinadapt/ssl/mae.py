@@ -10,6 +10,8 @@ from torch import nn
 from clinadapt.models.base import FoundationModel
 from clinadapt.ssl.augment import Augmenter
 from clinadapt.ssl.base import SSL_METHODS, Options, SSLMethod
+from clinadapt.ssl.collective import share
+from clinadapt.ssl.draws import ImageDraws
 from clinadapt.ssl.encode import patch_size, require_timm_vit, vit_tokens
 
 
@@ -54,11 +56,13 @@ def patchify(images: torch.Tensor, p: tuple[int, int]) -> torch.Tensor:
 
 
 def random_masking(
-    n: int, length: int, ratio: float, gen: torch.Generator
+    length: int, ratio: float, gen: ImageDraws
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sample random patch subsets: (kept indices, restore order, mask with 1 = masked)."""
+    """Per-image random patch subsets, one image per generator of ``gen``: (kept indices,
+    restore order, mask with 1 = masked)."""
+    n = len(gen)
     keep_n = max(1, int(length * (1 - ratio)))
-    noise = torch.rand(n, length, generator=gen)
+    noise = gen.rand(length)
     shuffle = noise.argsort(dim=1)
     restore = shuffle.argsort(dim=1)
     mask = torch.ones(n, length)
@@ -117,18 +121,18 @@ class MAE(SSLMethod):
         self.augment_policy = augment.policy.geometric_only()  # MAE: crops and flips only
 
     def training_loss(
-        self, images: torch.Tensor, gen: torch.Generator, step: int, total: int
+        self, images: torch.Tensor, gen: ImageDraws, step: int, total: int
     ) -> torch.Tensor:
         o = self.options
         x = self.augment.view(images, self.size, o.crop_scale, gen, policy=self.augment_policy)
-        n = x.shape[0]
         length = self.decoder_pos.shape[1]
-        keep, restore, mask = random_masking(n, length, o.mask_ratio, gen)
+        keep, restore, mask = random_masking(length, o.mask_ratio, gen)
         x, keep, restore, mask = (t.to(self.device) for t in (x, keep, restore, mask))
         vit = self.backbone.image_encoder
         tokens = vit_tokens(vit, x, keep)
         pred = self.decode(tokens, restore, vit.num_prefix_tokens)
-        return masked_patch_loss(pred, patchify(x, self.patch), mask, o.norm_pix_loss)
+        loss = masked_patch_loss(pred, patchify(x, self.patch), mask, o.norm_pix_loss)
+        return share(loss, mask.sum())  # this process's part of the global batch's mean
 
     def decode(self, tokens: torch.Tensor, restore: torch.Tensor, n_prefix: int) -> torch.Tensor:
         """Predicted pixels of every patch, (N, L, ph*pw*C), from the encoder's visible tokens."""

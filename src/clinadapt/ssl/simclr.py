@@ -10,6 +10,8 @@ from torch import nn
 from clinadapt.models.base import FoundationModel
 from clinadapt.ssl.augment import Augmenter
 from clinadapt.ssl.base import SSL_METHODS, Options, SSLMethod
+from clinadapt.ssl.collective import batch_places, gather_batch
+from clinadapt.ssl.draws import ImageDraws
 from clinadapt.ssl.encode import encode
 
 
@@ -29,13 +31,22 @@ class SimCLROptions(Options):
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Normalised-temperature cross entropy over 2N views; view i's positive is its twin."""
-    n = z1.shape[0]
-    z = F.normalize(torch.cat([z1, z2]), dim=1)
-    sim = z @ z.T / temperature
-    sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
-    twin = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
-    return F.cross_entropy(sim, twin)
+    """Normalised-temperature cross entropy over 2N views; view i's positive is its twin.
+
+    Under several processes ``z1``, ``z2`` are this process's part of the global batch: its
+    views are scored against all 2N views of the global batch (the negatives of one process,
+    gathered with gradient) and the result is its share of the global batch's mean.
+    """
+    q1, q2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
+    k = torch.cat([gather_batch(q1), gather_batch(q2)])
+    places, n = batch_places(len(z1), z1.device)
+    sim = torch.cat([q1, q2]) @ k.T / temperature
+    rows = torch.arange(2 * len(z1), device=z1.device)
+    self_sim = torch.zeros_like(sim, dtype=torch.bool)
+    self_sim[rows, torch.cat([places, places + n])] = True
+    sim = sim.masked_fill(self_sim, float("-inf"))
+    twin = torch.cat([places + n, places])
+    return F.cross_entropy(sim, twin, reduction="sum") / (2 * n)
 
 
 class ProjectionMLP(nn.Module):
@@ -73,13 +84,13 @@ class SimCLR(SSLMethod):
         self.projector = ProjectionMLP(d, options.proj_hidden or d, options.proj_dim)
         self.size = int(backbone.preprocess.image_size[0])
 
-    def views(self, images: torch.Tensor, gen: torch.Generator) -> list[torch.Tensor]:
+    def views(self, images: torch.Tensor, gen: ImageDraws) -> list[torch.Tensor]:
         """Two independently augmented views of every image."""
         scale = tuple(self.options.crop_scale)
         return [self.augment.view(images, self.size, scale, gen) for _ in range(2)]
 
     def training_loss(
-        self, images: torch.Tensor, gen: torch.Generator, step: int, total: int
+        self, images: torch.Tensor, gen: ImageDraws, step: int, total: int
     ) -> torch.Tensor:
         v1, v2 = self.views(images, gen)
         z = self.projector(encode(self.backbone, torch.cat([v1, v2]).to(self.device)))

@@ -1,14 +1,22 @@
 """The pre-training loop: unlabelled batches -> views -> loss -> AdamW, checkpointed and resumable.
 
-Batch order and augmentation are drawn from generators seeded by (seed, step), so a resumed run
-sees the same images and views as an uninterrupted one; the global torch RNG state (dropout,
-drop-path) is saved with the model, optimiser and scheduler.
+Batch order is drawn from a generator seeded by (seed, step) and each image's views from its own
+generator seeded by (seed, step, its place in the batch), so a resumed run sees the same images
+and views as an uninterrupted one; the global torch RNG state (dropout, drop-path) is saved with
+the model, optimiser and scheduler.
+
+Under ``torchrun --nproc-per-node N`` every step's global batch is the one one process draws:
+process r loads the places r, r+N, ... of it and draws their views, the objectives see the whole
+batch through :mod:`clinadapt.ssl.collective` (SimCLR's negatives, DINO's centre, batch-norm
+statistics), and ``DistributedDataParallel`` averages the gradients of the processes' shares.
+So N processes train what one process trains, up to the order of float32 sums. Only process 0
+writes the checkpoint, the exported backbone and the summary, and evaluates; a rerun loads the
+checkpoint process 0 wrote (also with another number of processes: the global batch decides).
 """
 
 from __future__ import annotations
 
 import math
-import random
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +28,8 @@ from clinadapt.compute import autocast, check_precision, grad_scaler, resolve_de
 from clinadapt.compute import describe as describe_compute
 from clinadapt.data import load_dataset
 from clinadapt.data.base import ClinicalDataset
-from clinadapt.distributed import one_process_only
+from clinadapt.distributed import init as join_processes
+from clinadapt.distributed import sum_over, world
 from clinadapt.errors import ConfigError, DataError
 from clinadapt.models import load_model
 from clinadapt.models.base import Preprocessing
@@ -28,9 +37,12 @@ from clinadapt.models.volume.base import check_spatial_dims
 from clinadapt.preflight import check_data_options, check_out_dir
 from clinadapt.progress import bar, status
 from clinadapt.ssl import checkpoint as ckpt
+from clinadapt.ssl import parallel
 from clinadapt.ssl.augment import Augmenter, policy_for_modality
 from clinadapt.ssl.base import SSL_METHODS, SSLMethod
+from clinadapt.ssl.collective import global_batchnorm
 from clinadapt.ssl.config import PretrainConfig
+from clinadapt.ssl.draws import ImageDraws
 from clinadapt.ssl.evaluate import eval_positions, evaluate_backbone
 
 
@@ -194,56 +206,21 @@ def make_optimizer(method: SSLMethod, cfg: PretrainConfig) -> torch.optim.AdamW:
     )
 
 
-def _rng_state() -> dict[str, Any]:
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        # tensors and plain values only, so the checkpoint loads with weights_only=True
-        "numpy": {
-            "kind": str(kind),
-            "keys": torch.from_numpy(keys.astype(np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached),
-        },
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state(
-        (
-            n["kind"],
-            n["keys"].numpy().astype(np.uint32),
-            n["pos"],
-            n["has_gauss"],
-            n["cached_gaussian"],
-        )
-    )
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
-    """Pre-train, checkpoint, export the backbone, evaluate it, and return the summary."""
-    one_process_only(
-        "clinadapt pretrain",
-        "SimCLR's negatives, DINO's centre and the views drawn per batch span the whole batch",
-    )
+    """Pre-train, checkpoint, export the backbone, evaluate it, and return the summary.
+
+    Under torchrun each process trains on its part of every global batch; process 0 alone
+    writes and evaluates, and the other processes return the summary without ``eval``.
+    """
     requested = cfg.device
-    device = resolve_device(requested)
+    device = join_processes(resolve_device(requested))
+    w = world()
     check_precision(cfg.precision, device)
     cfg = cfg.model_copy(update={"device": device})
     out = check_out_dir(cfg.out_dir)  # before any work: output folder, data options
     check_data_options(cfg.data, cfg.data_options)
     state_path = out / ckpt.STATE_FILE
-    state = ckpt.load_state(state_path) if state_path.is_file() else None  # before any work
+    state = parallel.read_state(state_path, w)  # before any work
     if state is not None and state["identity"] != cfg.identity():
         raise ConfigError(
             f"{state_path} was written by a different run ({state['identity']}); "
@@ -251,6 +228,11 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         )
     method, ds, pool = build(cfg)
     batch_size = min(cfg.batch_size, len(pool))
+    parallel.check_batch(batch_size, w)
+    if w.active:
+        global_batchnorm(method)  # batch statistics of the global batch, as one process
+        if not w.main:  # dropout and drop-path draw for other images than process 0's
+            torch.manual_seed(parallel.process_seed(cfg.seed, w.rank))
     total = cfg.max_steps
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(0.05 * total)
     opt = make_optimizer(method, cfg)
@@ -272,18 +254,22 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         sched.load_state_dict(state["scheduler"])
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"])
+        parallel.restore_rng(state, w, cfg.seed)
         start, trained_s, history = state["step"], state["trained_s"], state["history"]
         baseline = state.get("baseline")
         status(f"pretrain: resuming {state_path} at step {start}")
-    elif cfg.evaluate and cfg.eval_baseline:
+    elif cfg.evaluate and cfg.eval_baseline and w.main:
         baseline = evaluate_backbone(
             method.export_backbone(), ds, seed=cfg.seed, pretrained_on=pool
         )
+    student = parallel.data_parallel(method, device, w)
 
     t0 = time.perf_counter()
 
     def save(step: int) -> None:
+        rng = parallel.rng_states(w)  # every process takes part
+        if not w.main:
+            return
         ckpt.save_state(
             state_path,
             {
@@ -297,30 +283,35 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),
                 "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-                "rng": _rng_state(),
+                **rng,
             },
         )
 
     method.train()
+    places = parallel.my_places(batch_size, w)
     step, seen, stopped_early = start, 0, False
     with bar(total, f"pretrain {cfg.method}", initial=start) as pbar:
         while step < total:
             run_s = time.perf_counter() - t0
-            if cfg.max_minutes is not None and trained_s + run_s > 60 * cfg.max_minutes:
+            over = cfg.max_minutes is not None and trained_s + run_s > 60 * cfg.max_minutes
+            if cfg.max_minutes is not None and parallel.stop_together(over, w):
                 stopped_early = True
                 break
             pos = batch_positions(len(pool), batch_size, step, cfg.seed)
-            images = load_images(pool, pos, method.backbone.preprocess)
-            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+            images = load_images(pool, pos[places], method.backbone.preprocess)
+            gen = ImageDraws.for_batch(cfg.seed, step, places)
             with autocast(device, cfg.precision):
-                loss = method.training_loss(images, gen, step, total)
-            if not torch.isfinite(loss):
+                loss = student(images, gen, step, total)  # this process's share
+            value = sum_over(loss.item())  # the global batch's loss
+            if not math.isfinite(value):
                 raise ConfigError(
-                    f"{cfg.method}: the loss is {loss.item()} at step {step}; lower --lr "
+                    f"{cfg.method}: the loss is {value} at step {step}; lower --lr "
                     f"(now {opt.param_groups[0]['lr']:.3g}) or check the images"
                 )
             opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()  # fp16: scaled so small gradients survive
+            # DistributedDataParallel averages the processes' gradients: N times each share
+            # makes the average the gradient of the global batch's loss
+            scaler.scale(loss * w.size).backward()  # fp16: scaled so small gradients survive
             scaler.unscale_(opt)  # the hooks and the clipping below see true gradients
             method.before_optimizer_step(step, total)
             if method.clip_grad is not None:
@@ -331,7 +322,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
             method.after_step(step, total)
             step += 1
             seen += len(pos)
-            history.append(float(loss.item()))
+            history.append(value)
             pbar.update(1)
             rate = seen / max(time.perf_counter() - t0, 1e-9)
             pbar.set_postfix(loss=f"{history[-1]:.4f}", img_s=f"{rate:.1f}")
@@ -349,17 +340,19 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
             "(dino: teacher_temp, out_dim)."
         )
     exported = method.export_backbone()
-    weights = ckpt.save_backbone(
-        exported,
-        cfg.model,
-        out,
-        {
-            "ssl_method": cfg.method,
-            "steps": step,
-            "dataset": ds.name,
-            "init_from": cfg.init_from or "",
-        },
-    )
+    weights = ckpt.backbone_path(exported, out)
+    if w.main:
+        ckpt.save_backbone(
+            exported,
+            cfg.model,
+            out,
+            {
+                "ssl_method": cfg.method,
+                "steps": step,
+                "dataset": ds.name,
+                "init_from": cfg.init_from or "",
+            },
+        )
     summary: dict[str, Any] = {
         "model": cfg.model,
         "method": method.describe(),
@@ -371,7 +364,8 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
             "fingerprint": ds.fingerprint(),
         },
         "config": cfg.model_dump(),
-        "compute": describe_compute(requested, device, cfg.precision),
+        "compute": describe_compute(requested, device, cfg.precision)
+        | ({"distributed": w.describe()} if w.active else {}),
         "steps": step,
         "optimizer": hyper,  # what trained the weights (a resumed run must keep them)
         "completed": step >= total,
@@ -386,6 +380,8 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         + "".join(f", {k}={v!r}" for k, v in cfg.model_options.items())
         + ")",
     }
+    if not w.main:  # process 0 evaluates and writes; the others are done
+        return summary
     if cfg.evaluate:
         summary["eval"] = evaluate_backbone(exported, ds, seed=cfg.seed, pretrained_on=pool)
         if baseline is not None:

@@ -27,6 +27,8 @@ from clinadapt.errors import IncompatibleError
 from clinadapt.models.base import FoundationModel
 from clinadapt.ssl.augment import Augmenter
 from clinadapt.ssl.base import SSL_METHODS, Options, SSLMethod
+from clinadapt.ssl.collective import share
+from clinadapt.ssl.draws import ImageDraws
 from clinadapt.ssl.simclr import ProjectionMLP, nt_xent
 
 
@@ -39,33 +41,34 @@ def require_volume_model(model: FoundationModel, method: str) -> None:
         )
 
 
-def uniform(n: int, lo: float, hi: float, gen: torch.Generator) -> torch.Tensor:
-    """``n`` draws from U(lo, hi) with ``gen``."""
-    return lo + (hi - lo) * torch.rand(n, generator=gen)
+def uniform(lo: float, hi: float, gen: ImageDraws) -> torch.Tensor:
+    """One draw from U(lo, hi) per volume."""
+    return lo + (hi - lo) * gen.rand()
 
 
 def random_box_crop(
-    x: torch.Tensor, size: tuple[int, int, int], scale: tuple[float, float], gen: torch.Generator
+    x: torch.Tensor, size: tuple[int, int, int], scale: tuple[float, float], gen: ImageDraws
 ) -> torch.Tensor:
     """Per volume, a random box holding ``scale`` of its voxels (sides in proportion), resized
     trilinearly to ``size``: the 3D random-resized crop."""
     out = []
     shape = x.shape[2:]
+    u = gen.rand(4, dtype=torch.float64)
     for i in range(x.shape[0]):
-        frac = float(uniform(1, scale[0], scale[1], gen)) ** (1 / 3)
+        frac = float(scale[0] + (scale[1] - scale[0]) * u[i, 0]) ** (1 / 3)
         box = [max(1, min(s, round(s * frac))) for s in shape]
         start = [
-            int(torch.randint(0, s - b + 1, (1,), generator=gen))
-            for s, b in zip(shape, box, strict=True)
+            min(s - b, int(float(u[i, 1 + a]) * (s - b + 1)))
+            for a, (s, b) in enumerate(zip(shape, box, strict=True))
         ]
         crop = x[i : i + 1, :, *(slice(a, a + b) for a, b in zip(start, box, strict=True))]
         out.append(F.interpolate(crop, size=size, mode="trilinear", align_corners=False))
     return torch.cat(out)
 
 
-def random_axis_flips(x: torch.Tensor, gen: torch.Generator, p: float = 0.5) -> torch.Tensor:
+def random_axis_flips(x: torch.Tensor, gen: ImageDraws, p: float = 0.5) -> torch.Tensor:
     """Flip each volume along each spatial axis with probability ``p`` (independently)."""
-    flips = torch.rand(x.shape[0], 3, generator=gen) < p
+    flips = gen.rand(3) < p
     out = x.clone()
     for i in range(x.shape[0]):
         dims = [2 + a for a in range(3) if flips[i, a]]
@@ -76,34 +79,35 @@ def random_axis_flips(x: torch.Tensor, gen: torch.Generator, p: float = 0.5) -> 
 
 def intensity_jitter(
     x: torch.Tensor,
-    gen: torch.Generator,
+    gen: ImageDraws,
     brightness: float = 0.1,
     contrast: float = 0.25,
     gamma: tuple[float, float] = (0.7, 1.5),
     noise_std: float = 0.03,
 ) -> torch.Tensor:
     """Brightness, contrast about the volume mean, gamma and Gaussian noise on a [0, 1] batch."""
-    n = x.shape[0]
-    view = (n, 1, 1, 1, 1)
+    view = (x.shape[0], 1, 1, 1, 1)
     mean = x.mean(dim=(1, 2, 3, 4), keepdim=True)
-    c = uniform(n, 1 - contrast, 1 + contrast, gen).view(view)
-    b = uniform(n, -brightness, brightness, gen).view(view)
+    c = uniform(1 - contrast, 1 + contrast, gen).view(view)
+    b = uniform(-brightness, brightness, gen).view(view)
     y = ((x - mean) * c + mean + b).clamp(0, 1)
-    g = torch.exp(uniform(n, math.log(gamma[0]), math.log(gamma[1]), gen)).view(view)
+    g = torch.exp(uniform(math.log(gamma[0]), math.log(gamma[1]), gen)).view(view)
     y = y.pow(g)
-    y = y + noise_std * torch.randn(y.shape, generator=gen)
+    y = y + noise_std * gen.randn(*y.shape[1:])
     return y.clamp(0, 1)
 
 
 def cube_mask(
-    n: int, size: tuple[int, int, int], patch: int, ratio: float, gen: torch.Generator
+    size: tuple[int, int, int], patch: int, ratio: float, gen: ImageDraws
 ) -> torch.Tensor:
-    """(N,1,X,Y,Z) bool: True where a voxel is masked; ``ratio`` of the ``patch``^3 cubes of each
-    volume, drawn without replacement (at least one cube masked, at least one visible)."""
+    """(N,1,X,Y,Z) bool, one volume per generator of ``gen``: True where a voxel is masked;
+    ``ratio`` of the ``patch``^3 cubes of each volume, drawn without replacement (at least one
+    cube masked, at least one visible)."""
+    n = len(gen)
     grid = [max(1, -(-s // patch)) for s in size]
     cubes = grid[0] * grid[1] * grid[2]
     k = min(cubes - 1, max(1, round(ratio * cubes))) if cubes > 1 else 1
-    order = torch.argsort(torch.rand(n, cubes, generator=gen), dim=1)
+    order = torch.argsort(gen.rand(cubes), dim=1)
     flat = torch.zeros(n, cubes, dtype=torch.bool)
     flat.scatter_(1, order[:, :k], True)
     m = flat.view(n, 1, *grid).float()
@@ -145,7 +149,7 @@ class MAE3D(SSLMethod):
         self.decoder, _ = backbone.make_decoder(backbone.preprocess.in_chans)
 
     def training_loss(
-        self, images: torch.Tensor, gen: torch.Generator, step: int, total: int
+        self, images: torch.Tensor, gen: ImageDraws, step: int, total: int
     ) -> torch.Tensor:
         o = self.options
         x = (
@@ -154,12 +158,13 @@ class MAE3D(SSLMethod):
             else images
         )
         target = self.backbone.preprocess.model_input(x)  # the normalised volume
-        mask = cube_mask(len(x), self.size, o.mask_patch, o.mask_ratio, gen)
+        mask = cube_mask(self.size, o.mask_patch, o.mask_ratio, gen)
         mask = mask.expand_as(target)
         inp = target.masked_fill(mask, 0.0)
         inp, target, mask = inp.to(self.device), target.to(self.device), mask.to(self.device)
         pred = self.decoder(self.backbone.features(inp), inp)
-        return F.mse_loss(pred[mask], target[mask])
+        loss = F.mse_loss(pred[mask], target[mask])
+        return share(loss, mask.sum())  # this process's part of the global batch's mean
 
 
 class SimCLR3DOptions(Options):
@@ -191,7 +196,7 @@ class SimCLR3D(SSLMethod):
         self.projector = ProjectionMLP(d, options.proj_hidden or d, options.proj_dim)
         self.size = tuple(backbone.preprocess.volume_size)
 
-    def views(self, images: torch.Tensor, gen: torch.Generator) -> list[torch.Tensor]:
+    def views(self, images: torch.Tensor, gen: ImageDraws) -> list[torch.Tensor]:
         """Two independently augmented, normalised views of every volume."""
         scale = tuple(self.options.crop_scale)
         out = []
@@ -202,7 +207,7 @@ class SimCLR3D(SSLMethod):
         return out
 
     def training_loss(
-        self, images: torch.Tensor, gen: torch.Generator, step: int, total: int
+        self, images: torch.Tensor, gen: ImageDraws, step: int, total: int
     ) -> torch.Tensor:
         v1, v2 = self.views(images, gen)
         z = self.projector(self.backbone.encode_image(torch.cat([v1, v2]).to(self.device)))
