@@ -259,7 +259,11 @@ def test_two_processes_pretrain_as_one_and_resume(tmp_path):
         assert not [p for p in (ddp / f"{name}-rank1").rglob("*") if p.is_file()]
     _compare(ddp / "dino-cut", one / "dino")
     summary = json.loads((ddp / "simclr" / "summary.json").read_text())
-    assert summary["compute"]["distributed"] == {"processes": 2, "backend": "gloo"}
+    assert summary["compute"]["distributed"] == {
+        "processes": 2,
+        "backend": "gloo",
+        "wrapper": "DistributedDataParallel",
+    }
     alone = json.loads((one / "simclr" / "summary.json").read_text())
     assert summary["eval"]["linear_probe"]["balanced_accuracy"] == pytest.approx(
         alone["eval"]["linear_probe"]["balanced_accuracy"], abs=0.02

@@ -2,8 +2,7 @@
 
 The processes share one checkpoint, which process 0 reads and hands to the others (so several
 nodes need no shared ``--out``), keep their own random state (dropout and drop-path differ per
-image, as in one process), stop together, and average their gradients through
-``DistributedDataParallel``.
+image, as in one process), and stop together.
 """
 
 from __future__ import annotations
@@ -15,12 +14,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
 from clinadapt.distributed import World, sum_over
 from clinadapt.errors import ConfigError
 from clinadapt.ssl import checkpoint as ckpt
-from clinadapt.ssl.base import SSLMethod
 
 
 def my_places(batch_size: int, w: World) -> np.ndarray:
@@ -35,21 +32,6 @@ def check_batch(batch_size: int, w: World) -> None:
             f"batch size {batch_size} is smaller than the {w.size} processes; every process "
             f"needs an image of each batch: use --batch-size {w.size} or more, or fewer processes"
         )
-
-
-def data_parallel(method: SSLMethod, device: str, w: World) -> torch.nn.Module:
-    """``method`` as the processes train it: itself for one process, else wrapped in
-    ``DistributedDataParallel``: rank 0's weights and buffers broadcast at the start; a static
-    graph (every step calls the same modules, so parameters no step reaches, such as a
-    classifier head of the backbone, are found once in the first step); buffers are not
-    re-broadcast at each step, as the batch-norm statistics and DINO's centre are already the
-    same everywhere (global-batch reductions)."""
-    if not w.active:
-        return method
-    ids = [torch.device(device).index] if device.startswith("cuda") else None
-    return DistributedDataParallel(
-        method, device_ids=ids, static_graph=True, forward_sync_buffers=False
-    )
 
 
 def read_state(path: Path, w: World) -> dict[str, Any] | None:

@@ -29,7 +29,7 @@ from clinadapt.compute import describe as describe_compute
 from clinadapt.data import load_dataset
 from clinadapt.data.base import ClinicalDataset
 from clinadapt.distributed import init as join_processes
-from clinadapt.distributed import sum_over, world
+from clinadapt.distributed import sum_over, world, wrap
 from clinadapt.errors import ConfigError, DataError
 from clinadapt.models import load_model
 from clinadapt.models.base import Preprocessing
@@ -262,7 +262,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         baseline = evaluate_backbone(
             method.export_backbone(), ds, seed=cfg.seed, pretrained_on=pool
         )
-    student = parallel.data_parallel(method, device, w)
+    student = wrap(method)  # DistributedDataParallel under torchrun
 
     t0 = time.perf_counter()
 
