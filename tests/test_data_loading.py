@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,7 @@ from PIL import Image
 
 from clinadapt.config import RunConfig
 from clinadapt.data import load_dataset
-from clinadapt.data.loading import MAX_AUTO_WORKERS, auto_workers, keep_workers
+from clinadapt.data.loading import MAX_AUTO_WORKERS, ahead, auto_workers, keep_workers
 from clinadapt.errors import DataError
 from clinadapt.methods import Context
 from clinadapt.models import load_model
@@ -173,3 +175,46 @@ def test_a_kept_worker_still_reports_a_corrupt_file_by_name(tmp_path):
         for _ in range(2):
             with pytest.raises(DataError, match=r"normal-02\.png"):
                 collect(ds.batches(pp, 3, workers=2, device="cpu"))
+
+
+def test_batches_ahead_come_in_order_with_errors_in_their_place():
+    made = []
+
+    def items():
+        for i in range(6):
+            made.append(i)
+            if i == 4:
+                raise DataError("image 4 is broken")
+            yield i
+
+    got = []
+    with pytest.raises(DataError, match="image 4 is broken"):
+        for i in ahead(items(), depth=2):
+            got.append(i)
+    assert got == [0, 1, 2, 3]
+    # at most depth items wait in the queue (and one more is held, waiting for room)
+    made.clear()
+
+    def many():
+        for i in range(100):
+            made.append(i)
+            yield i
+
+    it = ahead(many(), depth=2)
+    assert next(it) == 0
+    deadline = time.monotonic() + 10
+    while len(made) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)  # room for a thread that would run further ahead
+    assert made == [0, 1, 2, 3]
+    (thread,) = [t for t in threading.enumerate() if t.name == "clinadapt-batches"]
+    it.close()  # leaving early stops the thread
+    assert not thread.is_alive()
+
+
+def test_pinned_batches_without_workers_are_built_ahead_and_unchanged(tmp_path):
+    ds = load_dataset(write_folder(tmp_path / "pngs", per_class=5, sizes=((40, 48), (33, 30))))
+    pp = load_model("tiny-resnet").preprocess
+    main = collect(ds.batches(pp, 3, workers=0))
+    assert_same(collect(ds.batches(pp, 3, workers=0, pin_memory=True)), main)
+    assert_same(collect(ds.batches(pp, 3, workers=0, pin_memory=True, device="cpu")), main)

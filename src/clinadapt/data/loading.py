@@ -17,8 +17,10 @@ import contextvars
 import functools
 import multiprocessing
 import os
+import queue
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
     from clinadapt.data.base import ClinicalDataset
 
 Batch = tuple[torch.Tensor, torch.Tensor, np.ndarray]
+T = TypeVar("T")
 MAX_AUTO_WORKERS = 4
 
 
@@ -215,6 +218,55 @@ def _as_is(item: Any) -> Any:
     return item
 
 
+def ahead(items: Iterable[T], depth: int = 2) -> Iterator[T]:
+    """``items`` in order, produced by a background thread up to ``depth`` ahead.
+
+    Without worker processes, a training loop that reads its loss back waits for the GPU, then
+    builds the next batch while the GPU waits for it. Built by a thread, the next batches are
+    ready (stacked, pinned) when the GPU is done. An exception raised by ``items`` is raised
+    here, in its place; leaving the loop early stops the thread."""
+    q: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+    end = object()
+
+    def put(entry: tuple[bool, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((True, item)):
+                    return
+            put((True, end))
+        except BaseException as e:  # handed to the consumer, raised there
+            put((False, e))
+
+    thread = threading.Thread(target=produce, name="clinadapt-batches", daemon=True)
+    thread.start()
+    try:
+        while True:
+            ok, item = q.get()
+            if not ok:
+                raise item
+            if item is end:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _pinned(item: tuple[Any, torch.Tensor, np.ndarray]) -> tuple[Any, torch.Tensor, np.ndarray]:
+    x, y, pos = item
+    return x.pin_memory(), y.pin_memory(), pos
+
+
 def iter_batches(
     ds: ClinicalDataset,
     preprocess: Callable[[list[np.ndarray]], torch.Tensor],
@@ -223,16 +275,19 @@ def iter_batches(
     pin_memory: bool = False,
     device: str | torch.device | None = None,
 ) -> Iterator[Batch]:
-    """Yield the batches of ``chunks`` in order: in this process when ``workers`` is 0 and
-    nothing is pinned, else through a ``DataLoader`` with that many worker processes (kept
-    for the next pass inside :func:`keep_workers`).
+    """Yield the batches of ``chunks`` in order: through a ``DataLoader`` with ``workers``
+    worker processes (kept for the next pass inside :func:`keep_workers`), else in this
+    process, by a thread one batch ahead when the batches are pinned for a GPU (:func:`ahead`).
 
     With a ``device``, the images come out on it, preprocessed there (see :func:`stages`)."""
     host, finish = stages(preprocess, device)
-    if workers == 0 and not pin_memory:
-        items: Iterable[Any] = (load_batch(ds, host, pos) for pos in chunks)
-    else:
+    items: Iterable[Any]
+    if workers > 0:
         items = _loader(ds, preprocess, host, chunks, workers, pin_memory)
+    else:
+        items = (load_batch(ds, host, pos) for pos in chunks)
+        if pin_memory:
+            items = ahead(map(_pinned, items) if torch.cuda.is_available() else items)
     for item in items:
         if isinstance(item, DataError):
             raise item
