@@ -110,7 +110,9 @@ def measure(name: str, args: argparse.Namespace) -> dict:
     ds = make_clinical_shift(seed=0, patients_per_site=max(5, args.images // 6))
     stream = ds.where(domain=["site-b", "site-c", "site-d"])
     stream = stream.subset(range(min(args.images, len(stream))))
-    model = ImageClassifier(load_model(args.model), ds.num_classes).to(args.device)
+    sized = {"image_size": args.image_size} if args.image_size else {}
+    encoder = load_model(args.model, pretrained=not args.random, **sized)
+    model = ImageClassifier(encoder, ds.num_classes).to(args.device)
     method = REGISTRY.get("tent" if name == "tent-ref" else name)()
     # Worst case for the filtering methods: a random model is never confident, so with the
     # published margins EATA and SAR would skip every update; open the filters instead.
@@ -196,6 +198,8 @@ def measure(name: str, args: argparse.Namespace) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default="tiny-resnet")
+    ap.add_argument("--random", action="store_true", help="random weights (published models)")
+    ap.add_argument("--image-size", type=int, help="the model's input size (default: its own)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--device", default="cpu")
@@ -221,6 +225,8 @@ def main() -> None:
             if name in failed:
                 continue
             cmd = [sys.executable, __file__, "--one", name, "--model", args.model]
+            cmd += ["--random"] if args.random else []
+            cmd += ["--image-size", str(args.image_size)] if args.image_size else []
             cmd += ["--batch-size", str(args.batch_size), "--images", str(args.images)]
             cmd += ["--device", args.device, "--threads", str(args.threads)]
             cmd += ["--memo-views", str(args.memo_views), "--repeats", str(args.repeats)]
@@ -237,7 +243,8 @@ def main() -> None:
     src = rows["source"]
     src_ips = src["images"] / src["seconds"]
     print(
-        f"model {args.model}, batch {args.batch_size}, {src['images']} images, device "
+        f"model {args.model}{' (random weights)' if args.random else ''}, input "
+        f"{args.image_size or 'its own size'}, batch {args.batch_size}, {src['images']} images, device "
         f"{args.device}, {args.threads} thread(s)"
     )
     print(f"{'method':<8} {'images/s':>10} {'cost x':>8} {'peak MiB':>9} {'mem x':>7}")
