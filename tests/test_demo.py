@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from clinadapt.demo import Stopwatch, demo_configs, seconds_since_process_start
 from clinadapt.methods import METHODS
 
@@ -39,3 +41,36 @@ def test_the_clock_counts_from_the_start_of_the_process():
     assert own is None or own > 0
     clock = Stopwatch()
     assert clock.seconds() >= (own or 0.0)
+
+
+@pytest.mark.slow
+def test_the_demo_command_runs_each_run_once_and_ends_with_its_wall_time(
+    tmp_path, monkeypatch, capsys
+):
+    """The command once ran its six runs and the report a second time after printing the
+    tables, and never printed the wall time it measured."""
+    import clinadapt.demo
+    import clinadapt.runner
+    from clinadapt.cli import main
+
+    plan = clinadapt.demo.demo_configs
+    monkeypatch.setattr(  # the demo's plan on a small dataset
+        clinadapt.demo,
+        "demo_configs",
+        lambda out, seed=0, **f: plan(out, seed, data_options={"patients_per_site": 6}, **f),
+    )
+    real, calls = clinadapt.runner.run_experiment, []
+
+    def counted(cfg):
+        calls.append((cfg.method, cfg.shift))
+        return real(cfg)
+
+    monkeypatch.setattr(clinadapt.runner, "run_experiment", counted)
+    monkeypatch.setattr(sys, "argv", ["clinadapt", "demo", "--out", str(tmp_path / "demo")])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code in (0, None)
+    assert sorted(calls) == sorted((c.method, c.shift) for c in plan("x"))  # each run once
+    out = capsys.readouterr().out
+    assert "done in" in out and "wall time of the command" in out
+    assert out.rstrip().endswith("report.html")
