@@ -242,3 +242,28 @@ def test_finetune_beats_chance_on_the_built_in_data(tmp_path):
     # patients per site tiny-resnet over-fits its ~150 training images (0.20-0.24)
     assert record["metrics"]["site-a"]["balanced_accuracy"] > 0.6  # chance: 0.25
     assert record["training"]["best_val"] > 0.6
+
+
+def test_an_unknown_view_is_refused_before_the_sweep(tmp_path, monkeypatch, capsys):
+    """`clinadapt fewshot --view site-x` used to fail only in the table, after the sweep."""
+    import sys
+
+    import clinadapt.fewshot_sweep as fs
+    from clinadapt.cli import main
+
+    def no_sweep(*a, **k):
+        raise AssertionError("the sweep ran before the view was checked")
+
+    monkeypatch.setattr(fs, "run_fewshot_sweep", no_sweep)
+    args = ["fewshot", "--model", "tiny-vit", "--view", "site-x", "--out", str(tmp_path)]
+    monkeypatch.setattr(
+        sys, "argv", ["clinadapt", *args, "--set", "data_options.patients_per_site=6"]
+    )
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code not in (0, None)
+    err = capsys.readouterr().err
+    assert "unknown view 'site-x'" in err and "site-b" in err
+    base = RunConfig(data_options={"patients_per_site": 6})
+    fs.check_view(base, "site-b")  # a test set of the shift, and the summary views, pass
+    fs.check_view(base, "worst")

@@ -420,7 +420,13 @@ def fewshot(
     name: --set method_options.knn.k=10.
     """
     from clinadapt.config import load_config
-    from clinadapt.fewshot_sweep import parse_int_list, parse_seeds, run_fewshot_sweep, sweep_table
+    from clinadapt.fewshot_sweep import (
+        check_view,
+        parse_int_list,
+        parse_seeds,
+        run_fewshot_sweep,
+        sweep_table,
+    )
     from clinadapt.progress import set_quiet
 
     set_quiet(quiet or as_json)
@@ -443,9 +449,9 @@ def fewshot(
             f"--set method_options.knn.k=10 (methods: {', '.join(names)})"
         )
     base = base.model_copy(update={"method_options": {}})
-    result = run_fewshot_sweep(
-        base, names, parse_int_list(shots, "--shots"), parse_seeds(seeds), per_method
-    )
+    seed_list = parse_seeds(seeds)
+    check_view(base, view, seed_list[0])  # a typo fails now, not after the whole sweep has run
+    result = run_fewshot_sweep(base, names, parse_int_list(shots, "--shots"), seed_list, per_method)
     header, rows = sweep_table(result.records, metric, view)
     if as_json:
         print(

@@ -308,6 +308,24 @@ def record_value(record: dict[str, Any], metric: str, view: str) -> float | None
     return None if value is None else float(value)
 
 
+def unknown_view(view: str, sets: Any) -> ConfigError:
+    return ConfigError(
+        f"unknown view {view!r}; choose {', '.join(VIEWS)} or a test set: {', '.join(sorted(sets))}"
+    )
+
+
+def check_view(base: RunConfig, view: str, seed: int = 0) -> None:
+    """ConfigError before any work for a table ``view`` that is neither a summary view nor a
+    test set of ``base``'s shift (seen first in the table, it failed after the whole sweep)."""
+    if view in VIEWS:
+        return
+    check_data_options(base.data, base.data_options)
+    ds = load_dataset(base.data, **base.data_options)
+    tests = apply_shift(ds, base.shift, seed=seed, **base.shift_options).tests
+    if view not in tests:
+        raise unknown_view(view, tests)
+
+
 def sweep_table(
     records: list[dict[str, Any]], metric: str = "balanced_accuracy", view: str = "shifted"
 ) -> tuple[list[str], list[list[str]]]:
@@ -316,10 +334,7 @@ def sweep_table(
         check_metric(records, metric)
         sets = {name for r in records for name in r.get("metrics", {})}
         if view not in VIEWS and view not in sets:
-            raise ConfigError(
-                f"unknown view {view!r}; choose {', '.join(VIEWS)} or a test set: "
-                f"{', '.join(sorted(sets))}"
-            )
+            raise unknown_view(view, sets)
     cells: dict[tuple[str, int], list[float]] = {}
     methods: list[str] = []
     for r in records:
