@@ -221,3 +221,16 @@ def test_the_resize_antialiases():
     np.testing.assert_allclose(inner, 0.5, rtol=0, atol=1e-6)
     plain = F.interpolate(torch.from_numpy(board)[None, None].float() / 255, size=(16, 16))
     assert not torch.allclose(plain, x)  # without antialiasing it would alias
+
+
+def test_frozen_features_for_ssl_evaluation_are_those_of_the_one_step_preprocessing():
+    from clinadapt.models import load_model
+    from clinadapt.ssl.evaluate import embed
+
+    model = load_model("tiny-resnet").eval()
+    rng = np.random.default_rng(3)
+    arr = rng.integers(0, 256, (5, 70, 70), dtype=np.uint8)
+    ds = ClinicalDataset("mem", ArraySource(arr), np.arange(5) % 2, ["a", "b"])
+    with torch.no_grad():
+        want = model.encode_image(model.preprocess(list(arr))).numpy()
+    np.testing.assert_allclose(embed(model, ds, batch_size=2), want, rtol=0, atol=1e-5)

@@ -29,8 +29,10 @@ def embed(model: FoundationModel, ds: ClinicalDataset, batch_size: int = 128) ->
     device = next(model.parameters()).device
     total = -(-len(ds) // batch_size)
     feats = [
-        model.encode_image(x.to(device)).float().cpu()
-        for x, _, _ in progress(ds.batches(model.preprocess, batch_size), "embed", total=total)
+        model.encode_image(x).float().cpu()
+        for x, _, _ in progress(
+            ds.batches(model.preprocess, batch_size, device=device), "embed", total=total
+        )
     ]
     model.train(was_training)
     return torch.cat(feats).numpy()
