@@ -18,6 +18,7 @@ import torch
 from clinadapt.models import load_model
 from clinadapt.ssl import SSL_METHODS
 from clinadapt.ssl.augment import Augmenter, policy_for_modality
+from clinadapt.ssl.draws import ImageDraws
 from clinadapt.ssl.trainer import make_optimizer
 
 
@@ -33,7 +34,7 @@ def bench(method: str, size: int, batch_size: int, steps: int) -> tuple[float, f
     images = torch.rand(batch_size, 3, size, size, generator=torch.Generator().manual_seed(0))
 
     def step(i: int) -> None:
-        loss = m.training_loss(images, torch.Generator().manual_seed(i), i, 1000)
+        loss = m.training_loss(images, ImageDraws.for_batch(0, i, range(batch_size)), i, 1000)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -48,7 +49,7 @@ def bench(method: str, size: int, batch_size: int, steps: int) -> tuple[float, f
     # the views alone, as each method draws them
     t = time.perf_counter()
     for i in range(steps):
-        g = torch.Generator().manual_seed(i)
+        g = ImageDraws.for_batch(0, i, range(batch_size))  # one generator per image
         if method == "simclr":
             m.views(images, g)
         elif method == "dino":

@@ -166,10 +166,13 @@ RUNS = {
 
 # Each process pre-trains every run in turn; process r > 0 writes to its own --out (as on
 # another node without a shared file system), which must stay empty. A run with crash_at is
-# interrupted after that step (after the checkpoint before it) in every process.
+# interrupted after that step (after the checkpoint before it) in every process; a run that
+# fails writes its error next to its --out, per process.
 DRIVER = """
 import json, os, sys
+from pathlib import Path
 import torch
+from clinadapt.errors import ConfigError
 from clinadapt.ssl import SSL_METHODS, make_config, pretrain
 
 torch.set_num_threads(1)
@@ -191,6 +194,8 @@ for fields in json.loads(open(sys.argv[1]).read()):
         pretrain(make_config(**fields))
     except KeyboardInterrupt:
         pass
+    except ConfigError as e:
+        Path(fields["out_dir"] + ".error").write_text(str(e))
     finally:
         cls.after_step = original
 """
@@ -242,7 +247,17 @@ def test_two_processes_pretrain_as_one_and_resume(tmp_path):
     ddp, one = tmp_path / "ddp", tmp_path / "one"
     runs = [_config(name, ddp / name) for name in RUNS]
     runs.append(_config("dino", ddp / "dino-cut", crash_at=2))
+    # process 0's clock decides when time is up, for all; process 0's unreadable checkpoint
+    # is an error in every process (none waits for the others forever)
+    runs.append(_config("mae", ddp / "mae-timed", max_minutes=1e-9))
+    (ddp / "mae-bad").mkdir(parents=True)
+    (ddp / "mae-bad" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    runs.append(_config("mae", ddp / "mae-bad"))
     _torchrun(tmp_path, runs)
+    timed = json.loads((ddp / "mae-timed" / "summary.json").read_text())
+    assert timed["stopped_by_time"] and timed["steps"] == 0
+    for out in ("mae-bad", "mae-bad-rank1"):
+        assert "cannot read the checkpoint" in (ddp / f"{out}.error").read_text()
     cut = torch.load(ddp / "dino-cut" / "checkpoint.pt", weights_only=True)
     assert cut["step"] == 2  # interrupted in the third step, after the step-2 checkpoint
     _torchrun(tmp_path, [_config("dino", ddp / "dino-cut")])  # the rerun resumes
