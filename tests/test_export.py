@@ -258,3 +258,36 @@ def test_export_cli_prints_what_the_head_takes(tmp_path):
     assert result.exit_code == 0, result.output
     expected = "head input: torch.nn.functional.normalize(model.encode_image(x), dim=-1)"
     assert expected in result.stdout
+
+
+def test_the_peft_reload_hint_builds_the_base_model_in_its_library():
+    """It said `<the hf base model>`; now the call that builds the base the adapter goes on."""
+    from types import SimpleNamespace
+
+    from clinadapt.export.peft_format import base_model_code
+
+    def enc(name, family, source):
+        return SimpleNamespace(name=name, family=family, source=source)
+
+    assert (
+        base_model_code(enc("hf-clip-vit-b16", "hf", "hub: openai/clip-vit-base-patch16 -> /c"))
+        == "transformers.AutoModel.from_pretrained('openai/clip-vit-base-patch16')"
+    )
+    assert (
+        base_model_code(enc("hf-clip-vit-b16", "hf", "local dir: /models/clip"))
+        == "transformers.AutoModel.from_pretrained('/models/clip')"
+    )
+    assert (
+        base_model_code(enc("clip-vit-b16", "open_clip", "hf cache: /c"))
+        == "open_clip.create_model('ViT-B-16', pretrained='openai')"
+    )
+    assert (
+        base_model_code(enc("clip-vit-b16", "open_clip", "file: /w/clip.bin"))
+        == "open_clip.create_model('ViT-B-16', pretrained='/w/clip.bin')"
+    )
+    biomed = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
+    assert base_model_code(enc("biomedclip", "open_clip", "hub: x")) == (
+        f"open_clip.create_model({biomed!r})"
+    )
+    random = base_model_code(enc("tiny-hf-clip", "hf", "random init"))
+    assert "random weights" in random and "--format hf" in random

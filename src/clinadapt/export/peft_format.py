@@ -29,6 +29,8 @@ from clinadapt.export.common import (
 )
 from clinadapt.export.timm_format import timm_data_config
 from clinadapt.fitted import Fitted
+from clinadapt.models import get_spec
+from clinadapt.models.base import FoundationModel
 from clinadapt.targets.lora import lora_layers, unload_lora
 
 
@@ -115,9 +117,30 @@ def export_peft(fitted: Fitted, out: Path) -> dict:
         extra["pooling"] = pooling
         extra["features"] = features_code(pooling, normalizes(model))
         extra["load"] = (
-            f"PeftModel.from_pretrained(<the {enc.family} base model>, {str(out)!r}), then the "
+            f"PeftModel.from_pretrained({base_model_code(enc)}, {str(out)!r}), then the "
             f"head in {HEAD_FILE} on the features (see 'features')"
         )
     meta = metadata(fitted, "peft", extra)
     write_json(out / METADATA_FILE, meta)
     return meta
+
+
+def base_model_code(enc: FoundationModel) -> str:
+    """Python that builds, in its own library, the open_clip or transformers model an adapter
+    was trained on: from the weights the run loaded (a local folder or file) or the published
+    ones; a randomly initialised base cannot be rebuilt, and the text says so."""
+    spec = get_spec(enc.name)
+    source = str(enc.source)
+    local = next(
+        (source.split(": ", 1)[1] for p in ("local dir: ", "file: ") if source.startswith(p)), None
+    )
+    if source == "random init" or (local is None and spec.pretrained is None):
+        return (
+            f"<{enc.name!r} with the random weights it was trained from: not published; export "
+            f"the whole model with --format {enc.family} instead>"
+        )
+    if enc.family == "open_clip":
+        if spec.arch.startswith("hf-hub:") and local is None:  # config and weights on the hub
+            return f"open_clip.create_model({spec.arch!r})"
+        return f"open_clip.create_model({spec.arch!r}, pretrained={local or spec.pretrained!r})"
+    return f"transformers.AutoModel.from_pretrained({local or spec.pretrained!r})"
