@@ -29,6 +29,7 @@ from clinadapt.ssl.collective import (
     gather_batch,
     global_batchnorm,
     global_sum,
+    local_batchnorm,
     share,
 )
 from clinadapt.ssl.draws import ImageDraws, image_seed
@@ -109,6 +110,9 @@ def test_global_batch_norm_is_batch_norm_in_one_process(dims):
     torch.testing.assert_close(model(x), ref(x))
     torch.testing.assert_close(model[1].running_var, ref.running_var)
     model.eval(), ref.eval()
+    torch.testing.assert_close(model(x), ref(x))
+    local_batchnorm(model)  # back to the library's class, with the same tensors
+    assert type(model[1]) is cls and model[1].weight is weight and not model[1].training
     torch.testing.assert_close(model(x), ref(x))
 
 

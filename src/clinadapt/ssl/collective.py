@@ -80,6 +80,9 @@ class GlobalBatchNorm(_BatchNorm):
     GPU (NCCL); ``torch.nn.SyncBatchNorm`` is GPU-only.
     """
 
+    #: the batch-norm class this layer replaced (:func:`global_batchnorm`)
+    replaced: type[_BatchNorm] | None = None
+
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() < 2:
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
@@ -115,30 +118,53 @@ class GlobalBatchNorm(_BatchNorm):
         self.running_var.mul_(1 - m).add_(unbiased.to(self.running_var.dtype), alpha=m)
 
 
+def _moved(bn: _BatchNorm, cls: type[_BatchNorm]) -> _BatchNorm:
+    """A ``cls`` layer holding ``bn``'s settings, parameters and buffers (the same tensors)."""
+    new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+    if bn.affine:
+        new.weight, new.bias = bn.weight, bn.bias
+    if bn.track_running_stats:
+        new.running_mean, new.running_var = bn.running_mean, bn.running_var
+        new.num_batches_tracked = bn.num_batches_tracked
+    return new.train(bn.training)
+
+
+def _swap(module: nn.Module, convert) -> nn.Module:
+    new = convert(module)
+    if new is not module:
+        return new
+    for name, child in module.named_children():
+        swapped = _swap(child, convert)
+        if swapped is not child:
+            setattr(module, name, swapped)
+    return module
+
+
 def global_batchnorm(module: nn.Module) -> nn.Module:
     """``module`` with every batch-norm layer a :class:`GlobalBatchNorm` holding the same
     parameters and buffers (the state dict keeps its keys; optimisers built later see the same
     parameters)."""
-    if isinstance(module, _BatchNorm) and not isinstance(module, GlobalBatchNorm):
-        bn = GlobalBatchNorm(
-            module.num_features,
-            module.eps,
-            module.momentum,
-            module.affine,
-            module.track_running_stats,
-        )
-        if module.affine:
-            bn.weight, bn.bias = module.weight, module.bias
-        if module.track_running_stats:
-            bn.running_mean, bn.running_var = module.running_mean, module.running_var
-            bn.num_batches_tracked = module.num_batches_tracked
-        bn.train(module.training)
-        return bn
-    for name, child in module.named_children():
-        new = global_batchnorm(child)
-        if new is not child:
-            setattr(module, name, new)
-    return module
+
+    def convert(m: nn.Module) -> nn.Module:
+        if isinstance(m, _BatchNorm) and not isinstance(m, GlobalBatchNorm):
+            bn = _moved(m, GlobalBatchNorm)
+            bn.replaced = type(m)
+            return bn
+        return m
+
+    return _swap(module, convert)
+
+
+def local_batchnorm(module: nn.Module) -> nn.Module:
+    """Undo :func:`global_batchnorm`: each layer back to the class it replaced (what the
+    exported backbone holds, e.g. for code that looks for ``nn.BatchNorm2d``)."""
+
+    def convert(m: nn.Module) -> nn.Module:
+        if isinstance(m, GlobalBatchNorm) and m.replaced is not None:
+            return _moved(m, m.replaced)
+        return m
+
+    return _swap(module, convert)
 
 
 __all__ = [
@@ -147,6 +173,7 @@ __all__ = [
     "gather_batch",
     "global_batchnorm",
     "global_sum",
+    "local_batchnorm",
     "share",
     "sum_with_grad",
 ]

@@ -40,7 +40,7 @@ from clinadapt.ssl import checkpoint as ckpt
 from clinadapt.ssl import parallel
 from clinadapt.ssl.augment import Augmenter, policy_for_modality
 from clinadapt.ssl.base import SSL_METHODS, SSLMethod
-from clinadapt.ssl.collective import global_batchnorm
+from clinadapt.ssl.collective import global_batchnorm, local_batchnorm
 from clinadapt.ssl.config import PretrainConfig
 from clinadapt.ssl.draws import ImageDraws
 from clinadapt.ssl.evaluate import eval_positions, evaluate_backbone
@@ -331,6 +331,8 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     save(step)
     run_s = time.perf_counter() - t0
     trained_s += run_s
+    if w.active:
+        local_batchnorm(method)  # the exported backbone holds the library's own layers
 
     health = method.diagnostics()
     if health["collapsed"]:
