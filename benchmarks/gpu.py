@@ -499,7 +499,7 @@ def plan(device: str, steps: int) -> list[tuple[str, float, list[str] | None]]:
     return [
         ("check", 45, None),
         ("demo", 60, None),
-        ("finetune", 70, None),
+        ("finetune", 80, None),
         (
             "tta",
             50,
