@@ -691,6 +691,9 @@ def pretrain(
 ) -> None:
     """Self-supervised (continued) pre-training on unlabelled images; resumes from --out.
 
+    Under torchrun --nproc-per-node N the processes split every global batch of --batch-size
+    images and train what one process trains; process 0 writes and evaluates.
+
     --set sets any pre-training field: method_options.temperature=0.2,
     data_options.patients_per_site=30.
     """
