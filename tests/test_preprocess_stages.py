@@ -17,7 +17,7 @@ from clinadapt.errors import DataError
 from clinadapt.methods import Context
 from clinadapt.models import MODELS
 from clinadapt.models.base import LUMA_WEIGHTS, Preprocessing
-from clinadapt.models.stages import HostBatch
+from clinadapt.models.stages import HostBatch, constant
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 OPENAI_CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
@@ -234,3 +234,16 @@ def test_frozen_features_for_ssl_evaluation_are_those_of_the_one_step_preprocess
     with torch.no_grad():
         want = model.encode_image(model.preprocess(list(arr))).numpy()
     np.testing.assert_allclose(embed(model, ds, batch_size=2), want, rtol=0, atol=1e-5)
+
+
+def test_normalisation_constants_are_made_once_per_device():
+    cpu = torch.device("cpu")
+    a = constant(IMAGENET[0], cpu)
+    assert a is constant(IMAGENET[0], cpu)  # no new tensor (no copy to a GPU) per batch
+    assert a.dtype == torch.float32 and a.tolist() == torch.tensor(IMAGENET[0]).tolist()
+    assert constant(IMAGENET[0], torch.device("meta")).device.type == "meta"
+    wide = constant(LUMA_WEIGHTS, cpu, torch.float64)
+    assert wide.dtype == torch.float64 and wide.tolist() == list(LUMA_WEIGHTS)
+    pp = Preprocessing((8, 8), *IMAGENET, 3)
+    pp(images("grey", (8, 8), 1))
+    assert torch.equal(constant(IMAGENET[0], cpu), torch.tensor(IMAGENET[0]))  # left unchanged

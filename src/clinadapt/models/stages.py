@@ -11,6 +11,7 @@ a row are the one-step preprocessing, value for value.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -47,7 +48,8 @@ class HostBatch:
 
     def pin_memory(self) -> HostBatch:
         """The same batch in page-locked memory (what ``DataLoader(pin_memory=True)`` calls)."""
-        return HostBatch(tuple(p.pin_memory() for p in self.parts), self.index)
+        index = None if self.index is None else tuple(i.pin_memory() for i in self.index)
+        return HostBatch(tuple(p.pin_memory() for p in self.parts), index)
 
 
 def host_stage(pp: Preprocessing, images: Images) -> HostBatch:
@@ -106,7 +108,7 @@ def device_stage(
         return outs[0] if len(outs) == 1 else torch.cat(outs)
     out = outs[0].new_empty((len(batch), *outs[0].shape[1:]))
     for pos, x in zip(batch.index, outs, strict=True):
-        out[pos.to(out.device)] = x
+        out[pos.to(out.device, non_blocking=True)] = x
     return out
 
 
@@ -123,12 +125,22 @@ def _finish(pp: Preprocessing, t: torch.Tensor) -> torch.Tensor:
         x = x.clamp_(0.0, 1.0)
     if replicate:
         x = adapt_channels(x, pp.in_chans)
-    mean = torch.tensor(pp.mean, dtype=x.dtype).view(1, -1, 1, 1)
-    std = torch.tensor(pp.std, dtype=x.dtype).view(1, -1, 1, 1)
+    mean = constant(pp.mean, x.device).view(1, -1, 1, 1)
+    std = constant(pp.std, x.device).view(1, -1, 1, 1)
     if mean.shape[1] != x.shape[1]:
         mean = mean.mean().expand(1, x.shape[1], 1, 1)
         std = std.mean().expand(1, x.shape[1], 1, 1)
-    return (x - mean.to(x.device)) / std.to(x.device)
+    return (x - mean) / std
+
+
+@functools.lru_cache(maxsize=64)
+def constant(
+    values: tuple[float, ...], device: torch.device, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """``values`` as a ``dtype`` tensor on ``device``, made once: a tensor made from Python
+    numbers is copied from pageable memory, and such a copy to a GPU waits for the work queued
+    before it (at every batch, the training step in flight). Never change it in place."""
+    return torch.tensor(values, dtype=dtype).to(device)
 
 
 def adapt_channels(x: torch.Tensor, in_chans: int) -> torch.Tensor:
@@ -141,7 +153,7 @@ def adapt_channels(x: torch.Tensor, in_chans: int) -> torch.Tensor:
     if c == 1 and in_chans == 3:
         return x.expand(-1, 3, -1, -1)
     if c == 3 and in_chans == 1:
-        w = torch.tensor(LUMA_WEIGHTS, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        w = constant(LUMA_WEIGHTS, x.device, x.dtype).view(1, 3, 1, 1)
         return (x * w).sum(1, keepdim=True)
     raise DataError(
         f"images have {c} channels but the model takes {in_chans}; only grey<->RGB is "
