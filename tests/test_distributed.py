@@ -228,7 +228,9 @@ import json, sys
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from clinadapt.distributed import ShardSampler, backward_part, init, world, wrap
+from clinadapt.distributed import (
+    ShardSampler, backward_part, barrier, decide, everyone, init, world, wrap
+)
 
 init("cpu")
 torch.manual_seed(0)
@@ -268,7 +270,10 @@ for epoch in range(3):
 state = {k: v.contiguous() for k, v in module.state_dict().items()}
 save_file(state, f"{sys.argv[1]}-{world().rank}.safetensors")
 with open(f"{sys.argv[1]}-{world().rank}.json", "w") as f:
-    json.dump({"losses": losses, "wrapped": type(net).__name__}, f)
+    json.dump({"losses": losses, "wrapped": type(net).__name__, "agree": [
+        decide(world().rank == 0), everyone(world().rank == 0), everyone(True)
+    ]}, f)
+barrier()
 """
 
 
@@ -279,24 +284,34 @@ def test_ddp_averages_to_the_global_batch_with_an_empty_process_and_an_unused_he
     a frozen layer, and different starting weights in process 1."""
     script = tmp_path / "toy.py"
     script.write_text(TOY)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
-    launch += ["--master-port", str(_free_port())]
-    for cmd in ([*launch, str(script), "ddp"], [sys.executable, str(script), "one"]):
-        proc = subprocess.run(
-            cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _torchrun([str(script), "ddp"], tmp_path).returncode == 0
+    one = subprocess.run(
+        [sys.executable, str(script), "one"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
     one = json.loads((tmp_path / "one-0.json").read_text())
-    assert one["wrapped"] == "Net"
+    assert one["wrapped"] == "Net" and one["agree"] == [True, True, True]
     start = load_file(tmp_path / "one-0.safetensors")
     for rank in (0, 1):
         got = json.loads((tmp_path / f"ddp-{rank}.json").read_text())
         assert got["wrapped"] == "DistributedDataParallel" and len(got["losses"]) == 9
+        assert got["agree"] == [True, False, True]  # rank 0's choice; not true in rank 1
         np.testing.assert_allclose(got["losses"], one["losses"], rtol=0, atol=1e-6)
         weights = load_file(tmp_path / f"ddp-{rank}.safetensors")
         for name, value in weights.items():
             np.testing.assert_allclose(value, start[name], rtol=0, atol=1e-6, err_msg=name)
+
+
+def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """``args`` in 2 CPU processes under torchrun; fails the test with their error output."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    launch += ["--master-port", str(_free_port())]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [*launch, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
 
 
 def _compare(ddp: Path, one: Path, run_id: str) -> None:
@@ -325,22 +340,31 @@ def _compare(ddp: Path, one: Path, run_id: str) -> None:
             np.testing.assert_allclose(pa[name], pb[name], rtol=0, atol=1e-4, err_msg=name)
 
 
+RERUN = """
+import sys
+from clinadapt import runner
+from clinadapt.cli import main
+from clinadapt.distributed import world
+
+load = runner._load_fit
+
+
+def unreadable_in_process_1(method, model, path, device):
+    if world().rank == 1 and path.name == sys.argv[1]:
+        return False  # as on a node that cannot read the cache
+    return load(method, model, path, device)
+
+
+runner._load_fit = unreadable_in_process_1
+main(sys.argv[2:])
+"""
+
+
 @pytest.mark.slow
 def test_two_processes_train_as_one(tmp_path):
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump({**SWEEP, "out_dir": "ddp"}))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
-    launch += ["--master-port", str(_free_port()), "-m", "clinadapt.cli"]
-    proc = subprocess.run(
-        [*launch, "sweep", str(path), "--no-report", "--json"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _torchrun(["-m", "clinadapt.cli", "sweep", str(path), "--no-report", "--json"], tmp_path)
     summary = json.loads(proc.stdout)  # one summary: the other process printed nothing
     assert summary["ran"] == 4 and not summary["failed"]
 
@@ -356,3 +380,23 @@ def test_two_processes_train_as_one(tmp_path):
     assert len(list_records(tmp_path / "ddp")) == 4
     for cfg in spec.configs():
         _compare(tmp_path / "ddp", tmp_path / "one", cfg.run_id())
+
+    # interrupted after training the first two runs, before their records: the rerun skips the
+    # runs with records and reuses a cached fit, as one process would, only if every process
+    # can load it (here process 1 cannot load the LoRA run's: both train it again, alike)
+    first, lora = (cfg.run_id() for cfg in spec.configs()[:2])
+    lora_fit = json.loads((tmp_path / "ddp" / f"{lora}.json").read_text())["training"]["weights"]
+    for run_id in (first, lora):
+        (tmp_path / "ddp" / f"{run_id}.json").unlink()
+    before = {p.relative_to(tmp_path) for p in (tmp_path / "ddp").rglob("*") if p.is_file()}
+    script = tmp_path / "rerun.py"
+    script.write_text(RERUN)
+    cli = ["sweep", str(path), "--no-report", "--json"]
+    again = json.loads(_torchrun([str(script), Path(lora_fit).name, *cli], tmp_path).stdout)
+    assert again["ran"] == 2 and again["skipped"] == 2 and not again["failed"]
+    reused = json.loads((tmp_path / "ddp" / f"{first}.json").read_text())["training"]
+    assert reused["reused"] == Path(reused["weights"]).name
+    assert "reused" not in json.loads((tmp_path / "ddp" / f"{lora}.json").read_text())["training"]
+    _compare(tmp_path / "ddp", tmp_path / "one", lora)
+    after = {p.relative_to(tmp_path) for p in (tmp_path / "ddp").rglob("*") if p.is_file()}
+    assert after == before | {Path("ddp") / f"{run_id}.json" for run_id in (first, lora)}

@@ -291,6 +291,37 @@ def sum_over(value: float | torch.Tensor, device: str | torch.device = "cpu") ->
     return float(t.item())
 
 
+def decide(flag: bool) -> bool:
+    """Rank 0's ``flag``, in every process (``flag`` itself in one process).
+
+    For choices made on files that only rank 0 writes (has this run a record?): every process
+    takes the branch rank 0 takes. Processes that branched apart would wait for each other in
+    different collectives, or pair one run's steps with another's.
+    """
+    if not world().active:
+        return bool(flag)
+    t = torch.tensor([int(bool(flag))])
+    dist.broadcast(t, src=0)  # CPU tensor: gloo, also beside NCCL
+    return bool(t.item())
+
+
+def everyone(flag: bool) -> bool:
+    """Whether ``flag`` holds in every process (``flag`` itself in one process): e.g. whether
+    each of them could load a cached fit (one that could not makes all of them train)."""
+    if not world().active:
+        return bool(flag)
+    t = torch.tensor([int(bool(flag))])
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def barrier() -> None:
+    """Wait until every process gets here (e.g. until rank 0 has written a file the others
+    read next); nothing in one process."""
+    if world().active:
+        dist.barrier()
+
+
 def broadcast_tensors(tensors: Iterable[torch.Tensor]) -> None:
     """Give every process rank 0's values of ``tensors`` (in place)."""
     if not world().active:
@@ -304,8 +335,11 @@ __all__ = [
     "ShardSampler",
     "World",
     "backward_part",
+    "barrier",
     "broadcast_tensors",
     "ddp_loss",
+    "decide",
+    "everyone",
     "idle_loss",
     "init",
     "launched",

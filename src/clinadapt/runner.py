@@ -24,6 +24,7 @@ from clinadapt.config import RunConfig
 from clinadapt.data import load_dataset
 from clinadapt.data.base import ClinicalDataset
 from clinadapt.data.loading import keep_workers
+from clinadapt.distributed import barrier, everyone
 from clinadapt.distributed import init as join_processes
 from clinadapt.distributed import world as process_world
 from clinadapt.errors import ConfigError, DataError, IncompatibleError
@@ -228,8 +229,9 @@ def fit_source(
     key = _fit_key(cfg, method_name, target, opts.model_dump(), split.train, unlabelled)
     ckpt = Path(cfg.out_dir) / "cache" / f"fit-{key}.safetensors"
     weights = f"cache/{ckpt.name}"  # the record's link to the fitted model, beside the record
-    if ckpt.exists():
-        if _load_fit(method, model, ckpt, cfg.device):
+    # under torchrun: all processes reuse the fit, or all train (each joins the same steps)
+    if everyone(ckpt.exists()):
+        if everyone(_load_fit(method, model, ckpt, cfg.device)):
             status_once(f"reusing trained model {ckpt.name}")
             saved = _fit_summary(ckpt.with_suffix(".json"))
             return model, info, {**saved, "reused": ckpt.name, "weights": weights}, budget
@@ -246,12 +248,12 @@ def fit_source(
     with keep_workers():  # loader workers start once, not at every epoch and validation pass
         summary = method.fit(model, budget.train, budget.val, opts, ctx)
     meta = classifier_metadata(model, method_name)
-    if process_world().main:  # under torchrun only process 0 writes
-        save_adapted(model, ckpt, base=cfg.model, target=info, metadata=meta)
     summary["checkpoint"] = ckpt.name
     summary["weights"] = weights
-    if process_world().main:
+    if process_world().main:  # under torchrun only process 0 writes
+        save_adapted(model, ckpt, base=cfg.model, target=info, metadata=meta)
         write_record(ckpt.with_suffix(".json"), summary)
+    barrier()  # the cache is there before any process looks for it again (a later run)
     return model, info, summary, budget
 
 

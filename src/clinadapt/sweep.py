@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from clinadapt.config import RunConfig, apply_settings, read_yaml_mapping, run_config, set_dotted
+from clinadapt.distributed import decide, launched, world
+from clinadapt.distributed import init as join_processes
 from clinadapt.errors import ConfigError
 from clinadapt.preflight import check_run
 from clinadapt.progress import bar, is_quiet, set_quiet, status
@@ -141,13 +143,31 @@ def run_one(config: dict[str, Any]) -> tuple[str, str | None]:
         run_experiment(cfg)
     except Exception as e:
         msg = f"{type(e).__name__}: {e}"
-        write_record(
-            failure,
-            {"run_id": run_id, "config": config, "error": msg, "traceback": traceback.format_exc()},
-        )
+        if world().main:  # under torchrun only process 0 writes
+            write_record(
+                failure,
+                {
+                    "run_id": run_id,
+                    "config": config,
+                    "error": msg,
+                    "traceback": traceback.format_exc(),
+                },
+            )
         return run_id, msg
-    failure.unlink(missing_ok=True)
+    if world().main:
+        failure.unlink(missing_ok=True)
     return run_id, None
+
+
+def join_sweep(configs: list[RunConfig]) -> None:
+    """Under torchrun, join the process group before the sweep decides what is done (on a
+    GPU when any run uses one); nothing otherwise."""
+    if not launched() or not configs:
+        return
+    from clinadapt.compute import resolve_device
+
+    devices = {resolve_device(cfg.device) for cfg in configs}
+    join_processes("cuda" if any(d.startswith("cuda") for d in devices) else "cpu")
 
 
 def _init_worker(threads: int) -> None:
@@ -183,9 +203,10 @@ def run_sweep(
     for cfg in configs:  # every run's options before the first run starts
         check_run(cfg)
     result = SweepResult(total=len(configs))
+    join_sweep(configs)
     todo = []
     for cfg in configs:
-        if is_done(cfg):
+        if decide(is_done(cfg)):  # under torchrun: rank 0 (which writes records) decides
             result.skipped.append(cfg.run_id())
         else:
             todo.append(cfg)
