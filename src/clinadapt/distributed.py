@@ -196,17 +196,16 @@ def load_shards(
 ) -> Iterator[tuple[Batch, np.ndarray]]:
     """This epoch's batches of ``sampler`` as ``(this process's part, loaded; the whole batch's
     positions)``. Each process loads only its part. A process with no image in a (short, last)
-    batch gets a part of zero images, shaped as the batch's first image (loaded for its shape),
-    so that it can still take part in the step (:func:`idle_loss`). Images are preprocessed on
-    ``device`` when given (see :func:`clinadapt.data.loading.iter_batches`)."""
+    batch gets the batch's first image with no position (``pos`` empty): it forwards that image
+    and backpropagates :func:`idle_loss`, so that it still takes part in the step (a forward pass
+    on zero images would fail in many models). Images are preprocessed on ``device`` when given
+    (see :func:`clinadapt.data.loading.iter_batches`)."""
     shards = sampler.shards()
     wanted = [part if len(part) else batch[:1] for part, batch in shards]
     n = auto_workers(ds) if workers is None else workers
     loaded = iter_batches(ds, preprocess, wanted, n, pin_memory, device)
     for (part, batch), (x, y, pos) in zip(shards, loaded, strict=True):
-        if not len(part):
-            x, y, pos = x[:0], y[:0], part
-        yield (x, y, pos), batch
+        yield (x, y, pos if len(part) else part), batch
 
 
 def wrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -255,8 +254,9 @@ def ddp_loss(loss: torch.Tensor, share: float) -> torch.Tensor:
 
 def idle_loss(output: torch.Tensor) -> torch.Tensor:
     """The loss of a process that holds no image of a global batch: zero, computed from the
-    (empty) output of a forward pass through the wrapped module, so that its backward pass
-    joins DDP's all-reduce of the gradients (without it the other processes would wait)."""
+    output of a forward pass through the wrapped module (of the batch's first image, which
+    process 0 trains on), so that its backward pass joins DDP's all-reduce of the gradients
+    (without it the other processes would wait) and adds nothing to them."""
     return output.sum() * 0.0
 
 
@@ -264,20 +264,21 @@ def backward_part(
     net: torch.nn.Module,
     inputs: torch.Tensor,
     part: np.ndarray,
-    batch_size: int,
+    batch: np.ndarray,
     loss_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> float:
-    """Forward and backward pass of this process's ``part`` (row indices) of a global batch of
-    ``batch_size`` rows of ``inputs``, a tensor every process holds (e.g. cached features),
+    """Forward and backward pass of this process's ``part`` (row indices) of the global
+    ``batch`` of rows of ``inputs``, a tensor every process holds (e.g. cached features),
     through ``net`` (:func:`wrap`); ``loss_of(output, rows)`` is the mean loss of those rows.
     Returns the global batch's mean loss, in every process (non-finite: check it before
     stepping)."""
-    rows = torch.as_tensor(part, dtype=torch.long, device=inputs.device)
+    idle = not len(part)
+    rows = torch.as_tensor(batch[:1] if idle else part, dtype=torch.long, device=inputs.device)
     output = net(inputs[rows])
-    if len(rows):
-        loss, share = loss_of(output, rows), len(rows) / batch_size
-    else:  # no row of this (short, last) batch: join the step with nothing
+    if idle:  # no row of this (short, last) batch: join the step, adding nothing
         loss, share = idle_loss(output), 0.0
+    else:
+        loss, share = loss_of(output, rows), len(rows) / len(batch)
     ddp_loss(loss, share).backward()
     return sum_over(loss.item() * share)
 

@@ -146,7 +146,7 @@ def train_prompt(
                     net,
                     feats,
                     part,
-                    len(batch),
+                    batch,
                     lambda logits, i: supervised_loss(logits, labels[i], task, None, 0.0),
                 )
                 if not math.isfinite(value):

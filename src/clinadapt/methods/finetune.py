@@ -197,7 +197,7 @@ class Finetune(FitMethod):
                         if len(pos):
                             loss = self.batch_loss(net, x, y, train.task, weight, options)
                             share = batch_share(train.labels, train.task, pos, batch, weight)
-                        else:  # no image of this (short, last) batch: join the step with 0
+                        else:  # no image of this (short, last) batch: join the step, add 0
                             loss, share = idle_loss(net(x)), 0.0
                     # every process runs its backward pass (DDP's all-reduce waits for all)
                     scaler.scale(ddp_loss(loss, share)).backward()  # fp16: small gradients live

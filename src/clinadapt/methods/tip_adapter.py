@@ -376,7 +376,7 @@ class TipAdapterF(TipAdapter):
                 for part, batch in sampler.shards():  # this process's part of each batch
                     opt.zero_grad(set_to_none=True)
                     loss = backward_part(
-                        net, f, part, len(batch), lambda logits, i: F.cross_entropy(logits, y[i])
+                        net, f, part, batch, lambda logits, i: F.cross_entropy(logits, y[i])
                     )
                     opt.step()
                     sched.step()
