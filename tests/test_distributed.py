@@ -28,7 +28,7 @@ from clinadapt.data.loading import batch_chunks
 from clinadapt.distributed import ShardSampler, World, ddp_loss, idle_loss, load_shards, wrap
 from clinadapt.errors import ConfigError
 from clinadapt.methods import METHODS
-from clinadapt.methods.finetune import batch_share
+from clinadapt.methods.finetune import batch_share, check_batches_fill_processes
 from clinadapt.runner import check_data_parallel, run_experiment
 from clinadapt.store import list_records
 
@@ -52,6 +52,12 @@ SWEEP = {
                 "target_options": {"lora": {"rank": 2}},
                 "method": "finetune",
                 "method_options": {"epochs": 1},
+            },
+            {
+                "model": "tiny-resnet",  # batch norm over the global batch: as one process
+                "method": "finetune",
+                "batch_size": 9,  # 41 images: 4 batches of 9 and one of 5, none below 2
+                "method_options": {"epochs": 1, "sync_batchnorm": True},
             },
             {"model": "tiny-clip", "method": "coop", "method_options": {"epochs": 3}},
             {
@@ -177,6 +183,14 @@ def test_shares_recover_the_class_weighted_mean_loss(smoothing):
             total += share * loss.item()
         assert total == pytest.approx(whole.item(), rel=1e-6)
     assert batch_share(labels, "multiclass", batch[:2], batch, None) == pytest.approx(2 / 7)
+
+
+def test_global_batch_norm_needs_an_image_in_every_process():
+    check_batches_fill_processes(41, 9, 2)  # 9, 9, 9, 9, 5
+    check_batches_fill_processes(5, 8, 5)  # one batch of 5
+    for n, batch, size, smallest in [(41, 8, 2, 1), (41, 9, 6, 5), (3, 8, 4, 3), (40, 2, 3, 2)]:
+        with pytest.raises(ConfigError, match=f"a batch of {smallest} image"):
+            check_batches_fill_processes(n, batch, size)
 
 
 def test_only_data_parallel_methods_run_in_several_processes(tmp_path):
@@ -369,7 +383,7 @@ def test_two_processes_train_as_one(tmp_path):
     path.write_text(yaml.safe_dump({**SWEEP, "out_dir": "ddp"}))
     proc = _torchrun(["-m", "clinadapt.cli", "sweep", str(path), "--no-report", "--json"], tmp_path)
     summary = json.loads(proc.stdout)  # one summary: the other process printed nothing
-    assert summary["ran"] == 4 and not summary["failed"]
+    assert summary["ran"] == 5 and not summary["failed"]
 
     from clinadapt.sweep import load_sweep, run_sweep
 
@@ -377,10 +391,10 @@ def test_two_processes_train_as_one(tmp_path):
     torch.set_num_threads(1)
     try:
         spec = load_sweep(path, out_dir=str(tmp_path / "one"))
-        assert len(run_sweep(spec).ran) == 4
+        assert len(run_sweep(spec).ran) == 5
     finally:
         torch.set_num_threads(before)
-    assert len(list_records(tmp_path / "ddp")) == 4
+    assert len(list_records(tmp_path / "ddp")) == 5
     for cfg in spec.configs():
         _compare(tmp_path / "ddp", tmp_path / "one", cfg.run_id())
 
@@ -396,7 +410,7 @@ def test_two_processes_train_as_one(tmp_path):
     script.write_text(RERUN)
     cli = ["sweep", str(path), "--no-report", "--json"]
     again = json.loads(_torchrun([str(script), Path(lora_fit).name, *cli], tmp_path).stdout)
-    assert again["ran"] == 2 and again["skipped"] == 2 and not again["failed"]
+    assert again["ran"] == 2 and again["skipped"] == 3 and not again["failed"]
     reused = json.loads((tmp_path / "ddp" / f"{first}.json").read_text())["training"]
     assert reused["reused"] == Path(reused["weights"]).name
     assert "reused" not in json.loads((tmp_path / "ddp" / f"{lora}.json").read_text())["training"]

@@ -9,7 +9,8 @@ overlaps the backward pass; each process weights its loss by its share of the gl
 (:func:`ddp_loss`), so DDP's average is the gradient of the global batch's mean loss, also when
 the last batch splits unevenly or leaves a process without an image (:func:`idle_loss`). So N
 processes train the model one process would, up to the order of floating-point sums, except
-that BatchNorm layers normalise with each process's part of the batch (see :func:`wrap`).
+that BatchNorm layers normalise with each process's part of the batch unless they are made
+global (see :func:`wrap`).
 
 Only process 0 writes records, checkpoints, weights and the fit cache, and only it prints.
 """
@@ -222,9 +223,9 @@ def wrap(module: torch.nn.Module) -> torch.nn.Module:
     from then on, at no cost per step (``find_unused_parameters=True`` would search the graph
     at every step). BatchNorm: DDP broadcasts rank 0's buffers (running statistics) before each
     forward pass (``broadcast_buffers``), and each process normalises with the statistics of its
-    own part of the batch, not the global batch's as one process does; ``SyncBatchNorm``
-    would compute global statistics but torch supports it only on GPUs (not on the CPU with
-    gloo), so it is not applied.
+    own part of the batch, not the global batch's as one process does. torch's ``SyncBatchNorm``
+    computes global statistics on GPUs only; ``clinadapt.ssl.collective.global_batchnorm``
+    does on the CPU (gloo) too (finetune's ``sync_batchnorm`` option applies it before wrapping).
     """
     w = world()
     if not w.active:

@@ -48,6 +48,12 @@ class FinetuneOptions(FewShotOptions):
         description="validation metric to select the epoch on (default: balanced_accuracy; "
         "auroc for multi-label); nll, ece and brier select their lowest value",
     )
+    sync_batchnorm: bool = Field(
+        False,
+        description="under torchrun: batch norm with the statistics of the global batch "
+        "(GlobalBatchNorm, CPU and GPU), so a BatchNorm model trains as in one process; every "
+        "global batch must then hold an image for each process. No effect in one process",
+    )
     checkpoint: str | None = Field(
         None,
         description="write the best epoch's adapted parameters and buffers to this .safetensors "
@@ -107,6 +113,20 @@ def batch_share(
         return len(part) / len(batch)
     w = weight.cpu().numpy()
     return float(w[labels[part]].sum() / w[labels[batch]].sum())
+
+
+def check_batches_fill_processes(n: int, batch_size: int, processes: int) -> None:
+    """ConfigError when a global batch of an epoch over ``n`` images would leave a process
+    without an image: batch norm over the global batch needs every process to normalise (a
+    process cannot stand aside with a zero-weighted image without changing the statistics)."""
+    last = n % batch_size or batch_size
+    smallest = min(batch_size, last) if n > batch_size else n
+    if smallest < processes:
+        raise ConfigError(
+            f"sync_batchnorm: a batch of {smallest} image(s) (batch_size {batch_size}, {n} "
+            f"training images) leaves some of the {processes} processes without an image; "
+            "choose a batch_size whose batches, the last one too, hold one per process"
+        )
 
 
 def supervised_loss(
@@ -175,6 +195,12 @@ class Finetune(FitMethod):
         best, best_state, best_epoch, stale = -math.inf, None, -1, 0
         scaler = ctx.grad_scaler()
         w = world()  # under torchrun: each process takes its part of every global batch
+        sync = options.sync_batchnorm and w.active
+        if sync:  # before wrapping: DDP sees the layers that train
+            from clinadapt.ssl.collective import global_batchnorm
+
+            check_batches_fill_processes(len(train), ctx.batch_size, w.size)
+            global_batchnorm(model)
         net = wrap(model)  # DistributedDataParallel under torchrun (rank 0's start everywhere)
         sampler = ShardSampler(len(train), ctx.batch_size, shuffle=True, seed=ctx.seed * 1000)
         pbar = bar(total, self.name)
@@ -234,6 +260,10 @@ class Finetune(FitMethod):
                     break
         finally:
             pbar.close()
+            if sync:  # the library's own layers again (exported, adapted at test time)
+                from clinadapt.ssl.collective import local_batchnorm
+
+                local_batchnorm(model)
         if best_state is not None:
             model.load_state_dict(best_state, strict=False)
         out = {
