@@ -290,6 +290,7 @@ with open(f"{sys.argv[1]}-{world().rank}.json", "w") as f:
         decide(world().rank == 0), everyone(world().rank == 0), everyone(True)
     ]}, f)
 barrier()
+del net  # a wrapper alive into interpreter teardown can abort the process (gloo, torch 2.14)
 """
 
 

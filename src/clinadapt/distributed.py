@@ -18,6 +18,7 @@ Only process 0 writes records, checkpoints, weights and the fit cache, and only 
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -125,6 +126,10 @@ def init(device: str) -> str:
 
 def _leave() -> None:
     if dist.is_initialized():
+        # DistributedDataParallel wrappers no longer in use but held in reference cycles go
+        # first, while the group is whole: one destroyed during interpreter teardown can abort
+        # the process (gloo, torch 2.14: "terminate called without an active exception")
+        gc.collect()
         dist.destroy_process_group()
 
 
