@@ -2,10 +2,11 @@
 
 On the CPU, torch's convolutions (oneDNN) and its train-mode BatchNorm kernel are much faster on
 channels-last (N, H, W, C) tensors than on contiguous (N, C, H, W) ones. Measured on this
-project's 2-core CPU (torch 2.14, one thread, batch 64 of 224 px; ``benchmarks/bench_tta.py``):
-tiny-resnet's inference is 1.7x faster and ResNet-50's 1.3x; BatchNorm with test-batch
-statistics (the ``bn`` method) costs 1.82x eval-mode BatchNorm in (N, C, H, W) but 1.17x in
-channels-last. The values are those of the (N, C, H, W) computation up to float32 rounding (the
+project's 2-core CPU (torch 2.14, one thread, forward passes of 224 px batches: 64 images for
+tiny-resnet, 16 for ResNet-50): tiny-resnet's inference is 1.7x faster and ResNet-50's 1.3x; a
+BatchNorm layer with test-batch statistics (the ``bn`` method) costs 1.8x its eval mode on a
+(16, 256, 56, 56) batch in (N, C, H, W) and 1.2x in channels-last. ``benchmarks/bench_tta.py``
+times ``bn`` against inference with both in this layout. The values are those of the (N, C, H, W) computation up to float32 rounding (the
 sums run in another order: about 1e-7 on logits, 1e-5 with test-batch statistics).
 
 Training keeps the contiguous layout, so a seeded training run gives the same weights as
